@@ -1,0 +1,37 @@
+"""Shared fixtures: the real-data folder beside the project, and seeding."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+#: ``../shared/data`` beside the project; ``VERACITY_SHARED_DATA`` overrides it.
+SHARED_DATA = Path(os.environ.get("VERACITY_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def shared_data(sub: str) -> Path:
+    """Path of a folder of real data, or skip the test with a message saying what is missing."""
+    path = SHARED_DATA / sub
+    if not path.exists():
+        pytest.skip(f"real data not found at {path} (set VERACITY_SHARED_DATA or place ../shared/data beside "
+                    f"the project); this test runs only where it exists")
+    return path
+
+
+@pytest.fixture
+def kitti_root() -> Path:
+    return shared_data("kitti")
+
+
+@pytest.fixture
+def euroc_root() -> Path:
+    return shared_data("euroc/V1_01_easy_head")
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
