@@ -1,0 +1,241 @@
+"""Check a data-set folder: ``python -m veracity_datasets.check <root> [--dataset X] [--seq NAME ...]``.
+
+Names the format it found, counts the frames of every sequence (and those with
+ground truth, and whether there is depth), and lists *every* problem it finds
+with its file and line, going on after each: missing folders or files, lines
+with the wrong number of fields or with non-numbers, image / pose / depth
+counts that differ, unreadable images, images or depth of the wrong size,
+timestamps that do not increase, frames with no association (no depth or no
+ground truth within the time tolerance).
+
+Problems are *errors* (the data is broken: a reader would raise) or
+*warnings* (the data is usable but incomplete: EuRoC's ground truth starting
+after the camera, TUM colour frames dropped for lack of depth).  The exit
+status is 1 if there is an error, or a warning with ``--strict``; 0 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .base import DataError, Problems, check_increasing, parse_floats, read_image, read_rows
+from .registry import FORMATS, detect_format, find_sequences, open_sequence, select_sequences
+
+KITTI_POSE_FIELDS = 12
+TARTANAIR_POSE_FIELDS = 7
+EXIT_OK, EXIT_PROBLEMS = 0, 1
+#: Readers that take ``problems=Problems(strict=False)`` and go on after an error (the others stop at the first).
+COLLECTING_READERS = ("euroc", "tum", "folder")
+
+
+@dataclass
+class SequenceReport:
+    """What the check found for one sequence."""
+    name: str
+    frames: Optional[int] = None          # None: the reader could not open the sequence
+    with_ground_truth: Optional[int] = None
+    has_depth: bool = False
+    problems: Problems = field(default_factory=lambda: Problems(strict=False))
+
+
+# ------------------------------------------------------------- text files of the readers that stop at the first error
+def _lint_table(path: Path, fields: int, problems: Problems) -> Optional[int]:
+    """Report every bad line of a numeric table; returns its number of lines, ``None`` if any was bad."""
+    before = len(problems.errors)
+    good, times, lines = 0, [], []
+    for n, row in read_rows(path, problems, expected_fields=fields):
+        values = parse_floats(path, n, row, problems)
+        if values is not None:
+            good += 1
+            times.append(values[0])
+            lines.append(n)
+    if fields == 1:
+        check_increasing(np.asarray(times), lines, path, problems)
+    return good if len(problems.errors) == before else None
+
+
+def _lint_kitti(name: str, root: Path, problems: Problems) -> list[Path]:
+    """Every bad line of ``times.txt`` and ``poses/XX.txt``, and count mismatches; returns the left images."""
+    seq_dir = root / "sequences" / name
+    images = sorted((seq_dir / "image_0").glob("*.png")) if (seq_dir / "image_0").is_dir() else []
+    if not (seq_dir / "image_0").is_dir():
+        problems.error(seq_dir / "image_0", "folder not found (expected the left images 000000.png, ...)")
+    n_times = _lint_table(seq_dir / "times.txt", 1, problems)
+    if images and n_times and n_times != len(images):
+        problems.error(seq_dir / "times.txt", f"{n_times} timestamps for {len(images)} images in image_0/")
+    pose_file = root / "poses" / f"{name}.txt"
+    if pose_file.is_file():
+        n_poses = _lint_table(pose_file, KITTI_POSE_FIELDS, problems)
+        if images and n_poses and n_poses != len(images):
+            problems.error(pose_file, f"{n_poses} poses for {len(images)} images in image_0/")
+    return images
+
+
+def _lint_tartanair(seq_dir: Path, problems: Problems) -> list[Path]:
+    """Every bad line of ``pose_left.txt``, count mismatches, depth arrays of the wrong shape; returns the images."""
+    from .tartanair import DEPTH_DIR, DEPTH_SUFFIX, IMAGE_DIR, IMAGE_SUFFIX, POSE_FILE
+
+    images = sorted((seq_dir / IMAGE_DIR).glob("*" + IMAGE_SUFFIX)) if (seq_dir / IMAGE_DIR).is_dir() else []
+    if not (seq_dir / IMAGE_DIR).is_dir():
+        problems.error(seq_dir / IMAGE_DIR, f"folder not found (expected 000000{IMAGE_SUFFIX}, ...)")
+    n_poses = _lint_table(seq_dir / POSE_FILE, TARTANAIR_POSE_FIELDS, problems)
+    if images and n_poses and n_poses != len(images):
+        problems.error(seq_dir / POSE_FILE, f"{n_poses} poses for {len(images)} images in {IMAGE_DIR}/")
+    if (seq_dir / DEPTH_DIR).is_dir():
+        depth_files = sorted((seq_dir / DEPTH_DIR).glob("*" + DEPTH_SUFFIX))
+        if len(depth_files) != len(images):
+            problems.error(seq_dir / DEPTH_DIR, f"{len(depth_files)} depth files for {len(images)} images in "
+                                                f"{IMAGE_DIR}/")
+        if images and depth_files:
+            _lint_depth_shapes(images[0], depth_files, problems)
+    return images
+
+
+def _lint_depth_shapes(first_image: Path, depth_files: list[Path], problems: Problems) -> None:
+    """Report every ``.npy`` depth file whose (H, W) differs from the first image's (reads only the headers)."""
+    try:
+        size = tuple(read_image(first_image).shape[-2:])
+    except DataError as err:
+        problems.errors.append(err)
+        return
+    for path in depth_files:
+        try:
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+        except (OSError, ValueError) as err:
+            problems.error(path, f"cannot read this .npy depth file ({err})")
+            continue
+        if tuple(shape[:2]) != size or len(shape) > 3 or (len(shape) == 3 and shape[2] != 1):
+            problems.error(path, f"depth of shape {tuple(shape)}, expected {size} like the images")
+
+
+# ---------------------------------------------------------------- checking one sequence
+def _same_place(a: DataError, b: DataError) -> bool:
+    return a.path == b.path and a.line == b.line
+
+
+def _add_unique(problems: Problems, err: DataError) -> None:
+    """Record ``err`` unless an error at the same file and line is already there."""
+    if not any(_same_place(err, e) for e in problems.errors):
+        problems.errors.append(err)
+
+
+def _frame_file(seq, i: int, attr: str) -> Path:
+    files = getattr(seq, attr, None)
+    return Path(files[i]) if files is not None and i < len(files) else Path(getattr(seq, "root", "."))
+
+
+def _check_frames(seq, problems: Problems) -> None:
+    """Read every image (and depth map) of ``seq``: unreadable files, wrong sizes."""
+    image_attr = "image_files" if hasattr(seq, "image_files") else "files"
+    for i in range(len(seq)):
+        try:
+            image = seq.image(i)
+        except DataError as err:
+            _add_unique(problems, err)
+            continue
+        if not seq.has_depth:
+            continue
+        try:
+            depth = seq.depth(i)
+        except DataError as err:
+            _add_unique(problems, err)
+            continue
+        if tuple(depth.shape) != tuple(image.shape[-2:]):
+            _add_unique(problems, DataError(_frame_file(seq, i, "depth_files"),
+                                            f"depth of size {tuple(depth.shape)}, expected the image's "
+                                            f"{tuple(image.shape[-2:])} ({_frame_file(seq, i, image_attr).name})"))
+
+
+def check_sequence(dataset: str, name: str, path: Path, read_images: bool = True, **options) -> SequenceReport:
+    """Check one sequence; never raises :class:`DataError` (it is recorded in the report)."""
+    report = SequenceReport(name)
+    problems = report.problems
+    files: list[Path] = []
+    if dataset == "kitti":
+        files = _lint_kitti(name, path, problems)
+    elif dataset == "tartanair":
+        files = _lint_tartanair(path, problems)
+    try:
+        if dataset in COLLECTING_READERS:
+            options["problems"] = problems
+        seq = open_sequence(dataset, name, path, **options)
+    except DataError as err:
+        _add_unique(problems, err)
+        if read_images:                                  # the reader stopped: still look at every image file
+            for file in files:
+                try:
+                    read_image(file)
+                except DataError as bad:
+                    _add_unique(problems, bad)
+        return report
+    report.frames = len(seq)
+    report.has_depth = bool(seq.has_depth)
+    if seq.pose_valid is not None:
+        report.with_ground_truth = int(seq.pose_valid.sum())
+    if read_images:
+        _check_frames(seq, problems)
+    return report
+
+
+# ---------------------------------------------------------------- command line
+def run(root, dataset: Optional[str] = None, sequences: Optional[list[str]] = None, read_images: bool = True,
+        out=sys.stdout, **options) -> tuple[str, list[SequenceReport]]:
+    """Check ``root`` and print the report to ``out``; returns ``(format, reports)``.
+
+    Raises:
+        DataError: ``root`` is missing, of no known format, or has none of the named sequences.
+    """
+    root = Path(root)
+    dataset = dataset or detect_format(root)
+    found = find_sequences(root, dataset)
+    if sequences:
+        found = select_sequences(root, found, sequences)
+    print(f"{root}: format {dataset}, {len(found)} sequence(s)", file=out)
+    reports = []
+    for name, path in found:
+        report = check_sequence(dataset, name, path, read_images=read_images, **dict(options))
+        reports.append(report)
+        _print_report(report, out)
+    return dataset, reports
+
+
+def _print_report(report: SequenceReport, out) -> None:
+    if report.frames is None:
+        summary = "cannot be opened"
+    else:
+        gt = "no ground truth" if report.with_ground_truth is None else f"{report.with_ground_truth} with ground truth"
+        summary = f"{report.frames} frames, {gt}, {'with' if report.has_depth else 'no'} depth"
+    print(f"  {report.name}: {summary}", file=out)
+    for err in report.problems.errors:
+        print(f"    ERROR {err}", file=out)
+    for warning in report.problems.warnings:
+        print(f"    WARNING {warning}", file=out)
+
+
+def main(argv: Optional[list[str]] = None, out=sys.stdout) -> int:
+    parser = argparse.ArgumentParser(prog="python -m veracity_datasets.check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", help="data-set folder")
+    parser.add_argument("--dataset", choices=FORMATS, help="format (detected when absent)")
+    parser.add_argument("--seq", action="append", help="check only this sequence (repeatable)")
+    parser.add_argument("--no-images", action="store_true", help="do not read every image and depth file")
+    parser.add_argument("--strict", action="store_true", help="warnings also give a non-zero exit status")
+    args = parser.parse_args(argv)
+    try:
+        _, reports = run(args.root, args.dataset, args.seq, read_images=not args.no_images, out=out)
+    except DataError as err:
+        print(f"ERROR {err}", file=out)
+        return EXIT_PROBLEMS
+    n_errors = sum(len(r.problems.errors) for r in reports)
+    n_warnings = sum(len(r.problems.warnings) for r in reports)
+    print(f"{n_errors} error(s), {n_warnings} warning(s)", file=out)
+    failed = n_errors > 0 or (args.strict and n_warnings > 0)
+    return EXIT_PROBLEMS if failed else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
