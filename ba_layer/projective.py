@@ -50,6 +50,19 @@ def _check_intrinsics(intrinsics: torch.Tensor, name: str = "intrinsics") -> Non
         raise ValueError(f"{name}: expected shape (..., 4) holding [fx fy cx cy], got {tuple(intrinsics.shape)}")
 
 
+def scale_intrinsics(intrinsics: torch.Tensor, scale_x: float, scale_y: float | None = None) -> torch.Tensor:
+    """Intrinsics (..., 4) of an image resized by ``(scale_x, scale_y)``.
+
+    Pixel centres sit at integer coordinates, so a pixel ``u`` of the original
+    maps to ``(u + 0.5) * s - 0.5``: e.g. the 1/4-resolution feature maps of
+    the network use ``scale_intrinsics(K, 0.25)``.
+    """
+    _check_intrinsics(intrinsics)
+    scale_y = scale_x if scale_y is None else scale_y
+    fx, fy, cx, cy = intrinsics.unbind(-1)
+    return torch.stack([fx * scale_x, fy * scale_y, (cx + 0.5) * scale_x - 0.5, (cy + 0.5) * scale_y - 0.5], dim=-1)
+
+
 def backproject(coords: torch.Tensor, inverse_depth: torch.Tensor, intrinsics: torch.Tensor) -> torch.Tensor:
     """Homogeneous points ``[x y 1 d]`` (..., 4) of pixels.
 
