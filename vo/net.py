@@ -1,0 +1,209 @@
+"""The VO network: a patch graph whose recurrent update alternates with the BA layer.
+
+``VONet.forward`` reads as the method:
+
+1. encode every frame (matching and context features at 1/4 resolution);
+2. pick patches and build the patch graph (every patch to every other frame);
+3. start from identity poses and random inverse depths;
+4. repeat ``iters`` times: reproject the patches with the current poses and
+   depths; look up correlation around the reprojections; run the update
+   operator, which revises the reprojected centre (the BA *target*) and
+   predicts a confidence *weight*; run a few iterations of the weighted
+   Gauss-Newton BA on poses and inverse depths.
+
+As in DPVO, poses and depths are detached at the start of every update
+(``model.detach_between_updates``): gradients reach the network through the
+BA of each update and through the recurrent hidden state, not through the
+chain of BA solutions.  With the option off, the gradient is the exact
+derivative of the loss (what the finite-difference test checks).
+
+Coordinates inside the network are feature-map pixels (1/4 resolution, the
+intrinsics scaled with :func:`ba_layer.projective.scale_intrinsics`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ba_layer import projective
+from ba_layer.ba import bundle_adjust
+
+from .corr import CorrBlock
+from .extractor import FEATURE_STRIDE, Encoder
+from .graph import PatchGraph, clip_graph
+from .patchify import gather_patches, image_gradient_score, patch_grid, select_centres
+from .update import UpdateOperator
+
+
+@dataclass
+class ModelConfig:
+    """Sizes of the network (config section ``model``)."""
+
+    dim: int = 96                    # hidden state and context size
+    feature_dim: int = 64            # matching feature size
+    encoder_width: int = 24          # channels of the encoders' first stage
+    patch_size: int = 3              # P
+    patches_per_frame: int = 32
+    corr_radius: int = 3
+    corr_levels: tuple = (1, 4)
+    gradient_bias: bool = True       # pick patch centres with strong image gradients
+    max_frame_gap: int = 0           # 0: every patch to every other frame of the clip
+    head_grad_clamp: float = 0.01    # see vo.blocks.GradientClamp
+    init_inverse_depth: tuple = (0.25, 1.0)   # uniform range of the initial inverse depths (normalised scene)
+    detach_between_updates: bool = True        # DPVO: gradients do not chain through successive BA solutions
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"model config: unknown keys {sorted(unknown)}; valid keys: {sorted(known)}")
+        kw = dict(d)
+        for key in ("corr_levels", "init_inverse_depth"):
+            if key in kw:
+                kw[key] = tuple(kw[key])
+        return cls(**kw)
+
+
+@dataclass
+class BAConfig:
+    """How the BA layer is run inside the network (config section ``ba``)."""
+
+    iterations: int = 2
+    backward: str = "unroll"
+    truncate_k: int = 1
+    damping: float = 1e-4
+    fixed_poses: int = 1
+    bounds_margin_px: float = 16.0   # reprojections this far outside the feature map are masked (feature px)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BAConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"ba config: unknown keys {sorted(unknown)}; valid keys: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class UpdateStep:
+    """What one update produced (everything (B, ...), edges of ``VOOutput.graph``)."""
+
+    T_wc: torch.Tensor            # (B, N, 7) poses after the BA
+    inverse_depth: torch.Tensor   # (B, M) patch inverse depths after the BA
+    coords: torch.Tensor          # (B, E, P, P, 2) reprojection with the BA's poses and depths
+    valid: torch.Tensor           # (B, E, P, P) validity of that reprojection
+    targets: torch.Tensor         # (B, E, 2) BA targets (reprojected centre + flow revision)
+    weights: torch.Tensor         # (B, E, 2) BA confidence weights
+    delta: torch.Tensor           # (B, E, 2) flow revision
+    ba_status: Any = None         # the BA layer's status record
+
+
+@dataclass
+class VOOutput:
+    steps: list                    # [UpdateStep] one per update
+    graph: PatchGraph
+    centres: torch.Tensor          # (N, p, 2) integer patch centres, feature pixels
+    intrinsics: torch.Tensor       # (B, N, 4) at feature resolution
+    feature_size: tuple            # (h, w)
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def final(self) -> UpdateStep:
+        return self.steps[-1]
+
+
+class VONet(nn.Module):
+    def __init__(self, model: ModelConfig | dict | None = None, ba: BAConfig | dict | None = None):
+        super().__init__()
+        self.cfg = model if isinstance(model, ModelConfig) else ModelConfig.from_dict(model or {})
+        self.ba_cfg = ba if isinstance(ba, BAConfig) else BAConfig.from_dict(ba or {})
+        c = self.cfg
+        self.matching_encoder = Encoder(c.feature_dim, c.encoder_width, norm="instance")
+        self.context_encoder = Encoder(c.dim, c.encoder_width, norm="none")
+        corr_dim = len(c.corr_levels) * c.patch_size ** 2 * (2 * c.corr_radius + 1) ** 2
+        self.update = UpdateOperator(c.dim, corr_dim, c.head_grad_clamp)
+
+    # ------------------------------------------------------------------ pieces
+    def encode(self, images: torch.Tensor):
+        """Images (B, N, 3, H, W) in [0, 1] -> matching (B, N, C, h, w) and context (B, N, dim, h, w) maps."""
+        x = 2.0 * images - 1.0
+        return self.matching_encoder(x), self.context_encoder(x)
+
+    def initial_inverse_depth(self, B: int, M: int, like: torch.Tensor,
+                              generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        lo, hi = self.cfg.init_inverse_depth
+        u = torch.rand(B, M, generator=generator, device=like.device if generator is None else generator.device)
+        return (lo + (hi - lo) * u).to(like)
+
+    # ------------------------------------------------------------------ the method
+    def forward(self, images: torch.Tensor, intrinsics: torch.Tensor, iters: int = 8,
+                T_wc_init: Optional[torch.Tensor] = None, inverse_depth_init: Optional[torch.Tensor] = None,
+                structure_only: bool = False, generator: Optional[torch.Generator] = None) -> VOOutput:
+        """Run the VO network on clips.
+
+        Args:
+            images: (B, N, 3, H, W) float in [0, 1]; H, W multiples of 4.
+            intrinsics: (B, N, 4) ``[fx fy cx cy]`` of the images (pixels).
+            iters: number of updates.
+            T_wc_init: (B, N, 7) initial camera-to-world poses (identity if None).
+            inverse_depth_init: (B, M) initial patch inverse depths (uniform random if None).
+            structure_only: keep the poses fixed at ``T_wc_init`` and optimise the depths only.
+            generator: random source for patch selection and initial depths.
+        """
+        c = self.cfg
+        B, N = images.shape[:2]
+        fmap, cmap = self.encode(images)
+        h, w = fmap.shape[-2:]
+        K = projective.scale_intrinsics(intrinsics, 1.0 / FEATURE_STRIDE).to(fmap.dtype)
+
+        score = image_gradient_score(images[:1])[0] if c.gradient_bias else None
+        centres = select_centres(N, c.patches_per_frame, h, w, c.patch_size, score, generator,
+                                 device=generator.device if generator is not None else images.device)
+        centres = centres.to(images.device)
+        patch_features = gather_patches(fmap, centres, c.patch_size)
+        context = gather_patches(cmap, centres, 1)[..., 0, 0]                     # (B, M, dim)
+        patch_frame = torch.arange(N, device=images.device).repeat_interleave(c.patches_per_frame)
+        graph = clip_graph(patch_frame, N, c.max_frame_gap or None)
+        corr_fn = CorrBlock(fmap, patch_features, c.corr_radius, c.corr_levels)
+
+        M = patch_frame.shape[0]
+        T_wc = T_wc_init.to(fmap.dtype) if T_wc_init is not None else _identity(B, N, fmap)
+        d = inverse_depth_init.to(fmap.dtype) if inverse_depth_init is not None else \
+            self.initial_inverse_depth(B, M, fmap, generator)
+        hidden = fmap.new_zeros(B, len(graph), c.dim)
+        edge_context = context.index_select(1, graph.kk)
+        centre = c.patch_size // 2
+        margin = self.ba_cfg.bounds_margin_px
+
+        steps = []
+        for _ in range(iters):
+            if c.detach_between_updates:
+                T_wc, d = T_wc.detach(), d.detach()
+            grid = patch_grid(centres, c.patch_size, d)
+            coords = projective.transform(T_wc, grid, K, graph.ii, graph.jj, graph.kk).coords
+            out = self.update(hidden, edge_context, corr_fn(coords, graph.jj, graph.kk), graph)
+            hidden = out.hidden
+            targets = coords[:, :, centre, centre] + out.delta
+            result = bundle_adjust(
+                T_wc, grid, K, graph.ii, graph.jj, graph.kk, targets, out.weights,
+                iterations=self.ba_cfg.iterations, damping=self.ba_cfg.damping,
+                fixed_poses=N if structure_only else self.ba_cfg.fixed_poses,
+                backward=self.ba_cfg.backward, truncate_k=self.ba_cfg.truncate_k,
+                mode="structure" if structure_only else "full",
+                image_size=(h, w), image_margin_px=margin)
+            T_wc, d = result.T_wc, result.patches[:, :, 2, centre, centre]
+            reproj = projective.transform(T_wc, result.patches, K, graph.ii, graph.jj, graph.kk)
+            steps.append(UpdateStep(T_wc=T_wc, inverse_depth=d, coords=reproj.coords, valid=reproj.valid,
+                                    targets=targets, weights=out.weights, delta=out.delta,
+                                    ba_status=result.status))
+        return VOOutput(steps=steps, graph=graph, centres=centres, intrinsics=K, feature_size=(h, w))
+
+
+def _identity(B: int, N: int, like: torch.Tensor) -> torch.Tensor:
+    T = like.new_zeros(B, N, 7)
+    T[..., 6] = 1.0
+    return T

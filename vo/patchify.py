@@ -1,0 +1,100 @@
+"""Patch selection and extraction: where the patch graph's patches come from.
+
+A patch is a ``P x P`` square of feature-map pixels (1/4 image resolution)
+around a centre, with one inverse depth.  The patchifier picks ``p`` centres
+per frame (uniformly at random, or biased towards strong image gradients as in
+DPVO), and returns for each patch its matching features (for correlation), its
+context vector (for the update operator) and its pixel grid ``(u, v, d)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .extractor import FEATURE_STRIDE
+
+#: Candidates drawn per kept patch when selection is gradient-biased (DPVO uses 3).
+GRADIENT_CANDIDATES_PER_PATCH = 3
+
+
+@dataclass
+class Patches:
+    """Patches of a clip (M = N frames x p patches per frame).
+
+    Attributes:
+        grid: (B, M, 3, P, P) per pixel ``(u, v, inverse_depth)`` in feature-map
+            pixels of the source frame; inverse depth set to ``initial_inverse_depth``.
+        frame: (M,) long, the source frame of each patch (``ii`` of its edges).
+        features: (B, M, C, P, P) matching features around the centre.
+        context: (B, M, D) context vector at the centre.
+    """
+
+    grid: torch.Tensor
+    frame: torch.Tensor
+    features: torch.Tensor
+    context: torch.Tensor
+
+
+def image_gradient_score(images: torch.Tensor) -> torch.Tensor:
+    """Mean gradient magnitude per feature pixel: (B, N, 3, H, W) -> (B, N, H/4, W/4)."""
+    gray = images.mean(dim=2)
+    dx = torch.zeros_like(gray)
+    dy = torch.zeros_like(gray)
+    dx[..., :, :-1] = gray[..., :, 1:] - gray[..., :, :-1]
+    dy[..., :-1, :] = gray[..., 1:, :] - gray[..., :-1, :]
+    magnitude = (dx * dx + dy * dy).sqrt()
+    B, N, H, W = magnitude.shape
+    return F.avg_pool2d(magnitude.reshape(B * N, 1, H, W), FEATURE_STRIDE).reshape(B, N, H // FEATURE_STRIDE,
+                                                                                     W // FEATURE_STRIDE)
+
+
+def select_centres(n_frames: int, per_frame: int, height: int, width: int, patch_size: int,
+                   score: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                   device=None) -> torch.Tensor:
+    """Integer patch centres (N, p, 2) ``(x, y)`` in feature pixels, a margin of ``P // 2`` from the border.
+
+    With ``score`` (N, h, w) the centres are the best-scoring of
+    ``GRADIENT_CANDIDATES_PER_PATCH * p`` random candidates per frame;
+    otherwise uniform.  Batched clips share the centres (they share the graph).
+    """
+    r = patch_size // 2
+    if width - 2 * r < 1 or height - 2 * r < 1:
+        raise ValueError(f"feature map {height}x{width} is too small for {patch_size}x{patch_size} patches")
+    n_candidates = per_frame * (GRADIENT_CANDIDATES_PER_PATCH if score is not None else 1)
+    x = torch.randint(r, width - r, (n_frames, n_candidates), generator=generator, device=device)
+    y = torch.randint(r, height - r, (n_frames, n_candidates), generator=generator, device=device)
+    if score is not None:
+        s = score.reshape(n_frames, -1).gather(1, (y * width + x).to(score.device))
+        keep = s.argsort(dim=1, descending=True)[:, :per_frame].to(x.device)
+        x, y = x.gather(1, keep), y.gather(1, keep)
+    return torch.stack([x, y], dim=-1)
+
+
+def gather_patches(fmap: torch.Tensor, centres: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Feature squares around centres: fmap (B, N, C, h, w), centres (N, p, 2) -> (B, N*p, C, P, P)."""
+    B, N, C, h, w = fmap.shape
+    p = centres.shape[1]
+    r = patch_size // 2
+    offsets = torch.arange(-r, r + 1, device=fmap.device)
+    xs = centres[..., 0, None, None].to(fmap.device) + offsets.view(1, 1, 1, -1)     # (N, p, 1, P)
+    ys = centres[..., 1, None, None].to(fmap.device) + offsets.view(1, 1, -1, 1)     # (N, p, P, 1)
+    frame = torch.arange(N, device=fmap.device).view(N, 1, 1, 1)
+    flat = (frame * h * w + ys * w + xs).reshape(-1)                                   # (N*p*P*P,)
+    values = fmap.permute(0, 1, 3, 4, 2).reshape(B, N * h * w, C).index_select(1, flat)
+    return values.reshape(B, N * p, patch_size, patch_size, C).permute(0, 1, 4, 2, 3)
+
+
+def patch_grid(centres: torch.Tensor, patch_size: int, inverse_depth: torch.Tensor) -> torch.Tensor:
+    """Pixel grids ``(u, v, d)`` (B, M, 3, P, P) of patches with centres (N, p, 2) and inverse depths (B, M)."""
+    r = patch_size // 2
+    offsets = torch.arange(-r, r + 1, device=inverse_depth.device, dtype=inverse_depth.dtype)
+    c = centres.reshape(-1, 2).to(inverse_depth)
+    M = c.shape[0]
+    u = (c[:, 0, None, None] + offsets.view(1, 1, -1)).expand(M, patch_size, patch_size)
+    v = (c[:, 1, None, None] + offsets.view(1, -1, 1)).expand(M, patch_size, patch_size)
+    B = inverse_depth.shape[0]
+    d = inverse_depth[:, :, None, None].expand(B, M, patch_size, patch_size)
+    return torch.stack([u.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1), d], dim=2)

@@ -1,0 +1,78 @@
+"""The recurrent update operator: one step of message passing on the patch graph.
+
+Per edge it keeps a hidden state.  One update:
+
+1. injects the patch's context and the correlation features of the edge;
+2. exchanges messages with the edges of the same patch into the previous and
+   next target frames;
+3. aggregates (soft attention) over the edges that share the patch, and over
+   the edges that share the frame pair;
+4. refines the state with gated residual blocks;
+5. reads out two heads: a *flow revision* (a 2-D pixel delta added to the
+   reprojected patch centre to form the BA target) and a *confidence weight*
+   (2-D, in (0, 1), the BA weight of that target).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .blocks import GatedResidual, GradientClamp, SoftAggregate
+from .graph import PatchGraph
+
+#: LayerNorm epsilon of the update operator (as DPVO).
+LAYER_NORM_EPS = 1e-3
+
+
+@dataclass
+class UpdateOutput:
+    hidden: torch.Tensor     # (B, E, dim)
+    delta: torch.Tensor      # (B, E, 2) flow revision, feature-map pixels
+    weights: torch.Tensor    # (B, E, 2) confidence in (0, 1)
+
+
+class UpdateOperator(nn.Module):
+    """Args: ``dim`` hidden size; ``corr_dim`` correlation feature length; ``head_grad_clamp`` see GradientClamp."""
+
+    def __init__(self, dim: int, corr_dim: int, head_grad_clamp: float = 0.01):
+        super().__init__()
+        self.corr = nn.Sequential(
+            nn.Linear(corr_dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim),
+            nn.LayerNorm(dim, eps=LAYER_NORM_EPS), nn.ReLU(inplace=True), nn.Linear(dim, dim))
+        self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.prev_message = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim))
+        self.next_message = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim))
+        self.aggregate_patch = SoftAggregate(dim)
+        self.aggregate_frame_pair = SoftAggregate(dim)
+        self.gru = nn.Sequential(nn.LayerNorm(dim, eps=LAYER_NORM_EPS), GatedResidual(dim),
+                                 nn.LayerNorm(dim, eps=LAYER_NORM_EPS), GatedResidual(dim))
+        self.flow_head = nn.Sequential(nn.ReLU(), nn.Linear(dim, 2), GradientClamp(head_grad_clamp))
+        self.weight_head = nn.Sequential(nn.ReLU(), nn.Linear(dim, 2), GradientClamp(head_grad_clamp), nn.Sigmoid())
+
+    def forward(self, hidden: torch.Tensor, context: torch.Tensor, corr: torch.Tensor,
+                graph: PatchGraph) -> UpdateOutput:
+        """hidden, context: (B, E, dim); corr: (B, E, corr_dim)."""
+        h = self.norm(hidden + context + self.corr(corr))
+        h = h + self.prev_message(_neighbour(h, graph.prev_edge))
+        h = h + self.next_message(_neighbour(h, graph.next_edge))
+        h = h + self.aggregate_patch(h, graph.kk, graph.n_patches)
+        h = h + self.aggregate_frame_pair(h, graph.frame_pair, graph.n_frame_pairs)
+        h = self.gru(h)
+        return UpdateOutput(hidden=h, delta=self.flow_head(h), weights=self.weight_head(h))
+
+    @property
+    def probe_layers(self) -> dict[str, nn.Parameter]:
+        """Parameters the balancing and the diagnostics probe, by name (paper's terms)."""
+        return {
+            "flow_head": self.flow_head[1].weight,
+            "weight_head": self.weight_head[1].weight,
+            "recurrent": self.gru[3].res[0].weight,
+        }
+
+
+def _neighbour(h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Features of the neighbour edge (B, E, dim); zero where there is none (index -1)."""
+    present = (index >= 0).to(h.dtype).view(1, -1, 1)
+    return h.index_select(1, index.clamp_min(0)) * present
