@@ -141,6 +141,9 @@ IMPLICIT_CG_MAX_STEPS = 10
 IMPLICIT_HESSIANS = ("gauss_newton", "exact")
 #: Floating dtypes the layer supports (the batched Cholesky needs float32 or float64).
 DTYPES = (torch.float32, torch.float64)
+#: :meth:`BAStatus.gain_ratio` is defined only where the predicted decrease exceeds this fraction of the
+#: call's initial cost (dimensionless).
+MIN_PREDICTED_DECREASE_FRACTION = 1e-7
 
 
 class BackwardMode(str, enum.Enum):
@@ -181,6 +184,15 @@ class BAStatus:
             with respect to the initial poses and depths.
         backward_info: filled by the ``implicit`` backward when it runs: the Hessian used,
             ``cg_steps``, the adjoint ``damping`` (B,) and ``solver_failures`` (B,).
+        predicted_decrease_per_iter: (B, iterations) the cost decrease the damped Gauss-Newton
+            model predicts for each iteration's step ``dx``:
+            ``cost(x) - 0.5 sum w (r - J dx)^2`` over the edges valid at ``x`` (0 where the
+            problem was not active: failed, converged or stopped).
+        actual_decrease_per_iter: (B, iterations) the decrease the acceptance test saw for that
+            step, accepted or not: ``cost(x)`` minus the candidate's cost over the same edges
+            (module docstring); 0 where the problem was not active.  The ratio actual / predicted
+            (:meth:`gain_ratio`) is Levenberg-Marquardt's gain ratio: 1 where the linearisation
+            is exact, small or negative where it is poor.
     """
 
     cost_before: torch.Tensor
@@ -199,6 +211,24 @@ class BAStatus:
     backward: str
     gradient_to_initial_state: str = ""
     backward_info: dict = field(default_factory=dict)
+    predicted_decrease_per_iter: Optional[torch.Tensor] = None
+    actual_decrease_per_iter: Optional[torch.Tensor] = None
+
+    def gain_ratio(self, min_predicted_fraction: float = MIN_PREDICTED_DECREASE_FRACTION):
+        """Actual over predicted cost decrease per iteration, and where it is defined.
+
+        Returns ``(ratio (B, iterations), defined (B, iterations) bool)``: defined where the
+        predicted decrease exceeds ``min_predicted_fraction`` times the cost at the start of
+        the call (a step the model expects to change nothing has no meaningful ratio); the
+        ratio is 0 where it is not defined (use ``defined`` to select).
+        """
+        if self.predicted_decrease_per_iter is None or self.actual_decrease_per_iter is None:
+            raise ValueError("BAStatus.gain_ratio: this status carries no predicted/actual decrease")
+        pred, act = self.predicted_decrease_per_iter, self.actual_decrease_per_iter
+        floor = min_predicted_fraction * self.cost_before.unsqueeze(-1).clamp_min(0)
+        defined = (pred > floor) & (pred > 0)
+        ratio = torch.where(defined, act / torch.where(defined, pred, torch.ones_like(pred)), torch.zeros_like(pred))
+        return ratio, defined
 
     def to_dict(self) -> dict:
         """Plain Python values (lists over the batch) for logging."""
@@ -249,6 +279,7 @@ class _Config:
     implicit_hessian: str = "gauss_newton"
     implicit_tol: float = 1e-6
     implicit_max_steps: int = IMPLICIT_CG_MAX_STEPS
+    pose_damping: float = 0.0
     failed: Optional[torch.Tensor] = None
     backward_info: dict = field(default_factory=dict)
 
@@ -350,9 +381,9 @@ def _solve(neq, lam: torch.Tensor, cfg: _Config):
         return x_p, x_d, lam_try, failures, failed
     for attempt in range(MAX_FACTOR_RETRIES + 1):
         if cfg.solver == "dense":
-            x_p, x_d, failed = solve_dense(neq, lam_try)
+            x_p, x_d, failed = solve_dense(neq, lam_try, cfg.pose_damping)
         else:
-            fac = factor(neq, lam_try)
+            fac = factor(neq, lam_try, cfg.pose_damping)
             x_p, x_d = schur_solve(fac, neq.g_p, neq.g_d)
             failed = fac.failed
         if not bool(failed.any()):
@@ -425,6 +456,26 @@ class _History:
     cost: list = field(default_factory=list)
     damping: list = field(default_factory=list)
     accepted: list = field(default_factory=list)
+    predicted: list = field(default_factory=list)
+    actual: list = field(default_factory=list)
+
+
+def _predicted_decrease(lin: Linearization, data: EdgeData, x_p, x_d, cfg: _Config) -> torch.Tensor:
+    """Decrease (B,) of the cost the Gauss-Newton model predicts for the step ``(x_p, x_d)``.
+
+    ``cost(x) - 0.5 sum w (r - J dx)^2`` over the edges valid at ``x``, with ``J dx`` the
+    first-order change of every reprojection (:func:`reprojection_change`; ``r(x + dx) ~ r - J dx``).
+    No graph.
+    """
+    with torch.no_grad():
+        B = lin.valid.shape[0]
+        xi = None
+        if x_p is not None:
+            xi = torch.cat([x_p.new_zeros(B, cfg.fixed, 6), x_p.detach().view(B, -1, 6)], dim=1)
+        u = reprojection_change(lin, data, xi, None if x_d is None else x_d.detach())
+        r, w = lin.residual.detach(), lin.weights.detach()
+        model_cost = 0.5 * (w * (r - u.detach()) ** 2).sum(0).sum(-1)
+        return lin.cost.detach() - model_cost
 
 
 def _run_lm(T, d, data: EdgeData, cfg: _Config, iterations: int, lam: torch.Tensor, grad_from: int,
@@ -460,8 +511,11 @@ def _run_lm(T, d, data: EdgeData, cfg: _Config, iterations: int, lam: torch.Tens
             T_c, d_c = _retract(T, d, x_p, x_d, cfg)
             lin_c = linearize(T_c, d_c, data, jacobians=it < iterations - 1)   # the last needs no Jacobians
             ok = active & ~failed & _finite_state(T_c, d_c)
+            new_cost = _compared_cost(lin, lin_c, data)
+            zero = torch.zeros_like(new_cost)
+            hist.predicted.append(torch.where(ok, _predicted_decrease(lin, data, x_p, x_d, cfg), zero))
+            hist.actual.append(torch.where(ok, lin.cost.detach() - new_cost, zero))
             if cfg.adaptive:
-                new_cost = _compared_cost(lin, lin_c, data)
                 accept = ok & (new_cost <= lin.cost.detach())
                 lam_next = torch.where(accept, (lam_used * LM_DECREASE_FACTOR).clamp_min(cfg.min_damping),
                                        (lam_used * LM_INCREASE_FACTOR).clamp_max(MAX_DAMPING))
@@ -674,7 +728,7 @@ def bundle_adjust(T_wc: torch.Tensor, patches: torch.Tensor, intrinsics: torch.T
                   image_margin_px: float = IMAGE_MARGIN_PX, adaptive: bool = True, tolerance: float = 0.0,
                   implicit_hessian: str = "gauss_newton", implicit_damping: Optional[float] = None,
                   implicit_tol: Optional[float] = None, implicit_max_steps: int = IMPLICIT_CG_MAX_STEPS,
-                  solver: str = "schur") -> BAResult:
+                  solver: str = "schur", pose_damping: float = 0.0) -> BAResult:
     """Weighted Levenberg-Marquardt bundle adjustment of poses and patch inverse depths.
 
     Args:
@@ -703,6 +757,9 @@ def bundle_adjust(T_wc: torch.Tensor, patches: torch.Tensor, intrinsics: torch.T
         implicit_damping, implicit_tol, implicit_max_steps: the adjoint solve (None: the dtype's
             default in :data:`IMPLICIT_DAMPING`, :data:`IMPLICIT_CG_TOL`).
         solver: ``"schur"`` or ``"dense"`` (the full system without the Schur complement; a reference).
+        pose_damping: absolute damping added to the diagonal of the reduced pose system (weighted
+            pixel^2 per unit tangent; DPVO's ``ep``, 10 in its network): the network's BA keeps
+            poses still unless the observations pull hard.  It changes the steps, not the solution.
 
     Returns:
         :class:`BAResult` with the updated ``T_wc`` (B, N, 7), ``patches`` (B, M, 3, P, P),
@@ -716,6 +773,8 @@ def bundle_adjust(T_wc: torch.Tensor, patches: torch.Tensor, intrinsics: torch.T
                          f"got {backward!r}") from None
     _check_inputs(T_wc, patches, intrinsics, ii, jj, kk, targets, weights, iterations, damping, fixed_poses,
                   truncate_k, mode, image_size, max_residual_px, solver, implicit_hessian)
+    if not (pose_damping >= 0.0 and pose_damping < float("inf")):
+        raise ValueError(f"pose_damping: expected a finite value >= 0, got {pose_damping}")
     B, N = T_wc.shape[:2]
     M = patches.shape[1]
     eps = torch.finfo(T_wc.dtype).eps
@@ -727,7 +786,7 @@ def bundle_adjust(T_wc: torch.Tensor, patches: torch.Tensor, intrinsics: torch.T
                                          else implicit_damping),
                   implicit_hessian=implicit_hessian,
                   implicit_tol=float(IMPLICIT_CG_TOL[T_wc.dtype] if implicit_tol is None else implicit_tol),
-                  implicit_max_steps=int(implicit_max_steps))
+                  implicit_max_steps=int(implicit_max_steps), pose_damping=float(pose_damping))
     lam = torch.full((B,), float(damping), dtype=T_wc.dtype, device=T_wc.device).clamp_min(cfg.min_damping)
     d_in = patch_centres(patches)[..., 2]
 
@@ -784,7 +843,9 @@ def _status(cfg: _Config, lin: Linearization, hist: _History, cnt: dict, iterati
         iterations_run=cnt["iterations_run"], converged=cnt["converged"], solver_failures=cnt["failures"],
         failed=failed, valid_edges=valid, valid_edges_initial=cnt["valid_before"], masked_edges=masked,
         zero_weight_edges=zero_w, backward=backward.value,
-        gradient_to_initial_state=GRADIENT_TO_INITIAL_STATE[backward], backward_info=cfg.backward_info)
+        gradient_to_initial_state=GRADIENT_TO_INITIAL_STATE[backward], backward_info=cfg.backward_info,
+        predicted_decrease_per_iter=history(hist.predicted, False, cost_after.dtype),
+        actual_decrease_per_iter=history(hist.actual, False, cost_after.dtype))
 
 
 class BundleAdjustment(nn.Module):

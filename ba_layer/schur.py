@@ -173,8 +173,13 @@ def _damped(x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     return x + lam.unsqueeze(-1) * x.clamp_min(DAMPING_FLOOR)
 
 
-def factor(neq: NormalEquations, lam: torch.Tensor) -> Factorization:
-    """Damp with ``lam`` (B,) and factor (the reduced camera system when poses are solved)."""
+def factor(neq: NormalEquations, lam: torch.Tensor, pose_damping: float = 0.0) -> Factorization:
+    """Damp with ``lam`` (B,) and factor (the reduced camera system when poses are solved).
+
+    ``pose_damping`` is added to the diagonal of the reduced pose system, an
+    absolute Levenberg term in the units of the weighted pixel Hessian (DPVO's
+    ``ep``): it keeps poses still unless the observations pull hard.
+    """
     Q = E = L = None
     if neq.C is not None:
         Q = 1.0 / _damped(neq.C, lam)
@@ -187,6 +192,8 @@ def factor(neq: NormalEquations, lam: torch.Tensor) -> Factorization:
         if neq.E is not None:
             E = neq.E
             S = S - (E * Q.unsqueeze(1)) @ E.transpose(-1, -2)
+        if pose_damping:
+            S = S + pose_damping * torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
         L, info = torch.linalg.cholesky_ex(S)
         failed = info != 0
         if bool(failed.any()):
@@ -218,7 +225,7 @@ def schur_solve(fac: Factorization, r_p: Optional[torch.Tensor], r_d: Optional[t
     return x_p, x_d
 
 
-def solve_dense(neq: NormalEquations, lam: torch.Tensor):
+def solve_dense(neq: NormalEquations, lam: torch.Tensor, pose_damping: float = 0.0):
     """The same damped system as :func:`factor` + :func:`schur_solve`, as one dense (6n + M) Cholesky.
 
     Without the Schur complement: the reference the Schur solve is tested
@@ -239,6 +246,11 @@ def solve_dense(neq: NormalEquations, lam: torch.Tensor):
         A = neq.H if neq.H is not None else torch.diag_embed(neq.C)
     diag = torch.cat(blocks_diag, dim=-1)
     A = A + torch.diag_embed(_damped(diag, lam) - diag)
+    if pose_damping and neq.H is not None:
+        n_p = neq.H.shape[-1]
+        extra = torch.zeros(A.shape[-1], dtype=A.dtype, device=A.device)
+        extra[:n_p] = pose_damping
+        A = A + torch.diag(extra)
     L, info = torch.linalg.cholesky_ex(A)
     x = torch.cholesky_solve(torch.cat(rhs, dim=-1).unsqueeze(-1), L).squeeze(-1)
     failed = info != 0

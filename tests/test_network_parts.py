@@ -138,3 +138,27 @@ def test_gradient_clamp_clamps_and_keeps_nan_visible():
     y = GradientClamp(0.5)(x)
     y.backward(torch.tensor([2.0, -0.1, float("nan")]))
     assert x.grad[0] == 0.5 and x.grad[1] == -0.1 and torch.isnan(x.grad[2])
+
+
+def test_all_pairs_volume_equals_windowed_lookup_values_and_gradients():
+    from vo.corr import AllPairsCorrBlock
+
+    g = torch.Generator().manual_seed(4)
+    B, N, C, h, w, P, R = 2, 3, 6, 16, 20, 3, 3
+    fmap = torch.randn(B, N, C, h, w, generator=g, dtype=torch.float64, requires_grad=True)
+    pf = torch.randn(B, 5, C, P, P, generator=g, dtype=torch.float64, requires_grad=True)
+    E = 9
+    jj = torch.randint(0, N, (E,), generator=g)
+    kk = torch.randint(0, 5, (E,), generator=g)
+    centre = torch.rand(B, E, 2, generator=g, dtype=torch.float64) * torch.tensor([w + 6.0, h + 6.0]) - 3.0
+    off = torch.arange(-1, 2, dtype=torch.float64)
+    coords = torch.stack(torch.broadcast_tensors(centre[..., None, None, 0] + 1.1 * off.view(1, 1, 1, -1),
+                                                 centre[..., None, None, 1] + 0.9 * off.view(1, 1, -1, 1)), dim=-1)
+    a = CorrBlock(fmap, pf, R, (1, 4))(coords, jj, kk)
+    b = AllPairsCorrBlock(fmap, pf, R, (1, 4))(coords, jj, kk)
+    assert torch.allclose(a, b, atol=1e-10)
+    wgt = torch.randn_like(a)
+    ga = torch.autograd.grad((a * wgt).sum(), (fmap, pf))
+    gb = torch.autograd.grad((b * wgt).sum(), (fmap, pf))
+    for x, y in zip(ga, gb):
+        assert torch.allclose(x, y, atol=1e-10)

@@ -31,11 +31,16 @@ from torch import nn
 from ba_layer import projective
 from ba_layer.ba import bundle_adjust
 
-from .corr import CorrBlock
+from .corr import AllPairsCorrBlock, CorrBlock
 from .extractor import FEATURE_STRIDE, Encoder
 from .graph import PatchGraph, clip_graph
 from .patchify import gather_patches, image_gradient_score, patch_grid, select_centres
 from .update import UpdateOperator
+
+
+#: ``corr_impl: auto`` uses the all-pairs volume when it holds at most this many numbers (4 bytes each).
+ALL_PAIRS_MAX_ENTRIES = 64_000_000
+CORR_IMPLS = ("auto", "all_pairs", "windowed")
 
 
 @dataclass
@@ -54,6 +59,7 @@ class ModelConfig:
     head_grad_clamp: float = 0.01    # see vo.blocks.GradientClamp
     init_inverse_depth: tuple = (0.25, 1.0)   # uniform range of the initial inverse depths (normalised scene)
     detach_between_updates: bool = True        # DPVO: gradients do not chain through successive BA solutions
+    corr_impl: str = "auto"          # all_pairs (volume per clip) | windowed | auto (all_pairs if it fits)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -78,6 +84,8 @@ class BAConfig:
     damping: float = 1e-4
     fixed_poses: int = 1
     bounds_margin_px: float = 16.0   # reprojections this far outside the feature map are masked (feature px)
+    pose_damping: float = 10.0       # absolute damping of the reduced pose system (DPVO's ep = 10)
+    adaptive: bool = False           # False: DPVO's fixed-damping, always-accepted steps; True: adaptive LM
 
     @classmethod
     def from_dict(cls, d: dict) -> "BAConfig":
@@ -133,6 +141,17 @@ class VONet(nn.Module):
         x = 2.0 * images - 1.0
         return self.matching_encoder(x), self.context_encoder(x)
 
+    def correlation(self, fmap: torch.Tensor, patch_features: torch.Tensor):
+        """The correlation lookup for a clip: the all-pairs volume when it fits (``corr_impl``), else windowed."""
+        c = self.cfg
+        if c.corr_impl not in CORR_IMPLS:
+            raise ValueError(f"model.corr_impl: expected one of {CORR_IMPLS}, got '{c.corr_impl}'")
+        B, N, _, h, w = fmap.shape
+        size = AllPairsCorrBlock.volume_size(B, patch_features.shape[1], c.patch_size, N, h, w, c.corr_levels)
+        if c.corr_impl == "all_pairs" or (c.corr_impl == "auto" and size <= ALL_PAIRS_MAX_ENTRIES):
+            return AllPairsCorrBlock(fmap, patch_features, c.corr_radius, c.corr_levels)
+        return CorrBlock(fmap, patch_features, c.corr_radius, c.corr_levels)
+
     def initial_inverse_depth(self, B: int, M: int, like: torch.Tensor,
                               generator: Optional[torch.Generator] = None) -> torch.Tensor:
         lo, hi = self.cfg.init_inverse_depth
@@ -168,7 +187,7 @@ class VONet(nn.Module):
         context = gather_patches(cmap, centres, 1)[..., 0, 0]                     # (B, M, dim)
         patch_frame = torch.arange(N, device=images.device).repeat_interleave(c.patches_per_frame)
         graph = clip_graph(patch_frame, N, c.max_frame_gap or None)
-        corr_fn = CorrBlock(fmap, patch_features, c.corr_radius, c.corr_levels)
+        corr_fn = self.correlation(fmap, patch_features)
 
         M = patch_frame.shape[0]
         T_wc = T_wc_init.to(fmap.dtype) if T_wc_init is not None else _identity(B, N, fmap)
@@ -194,7 +213,8 @@ class VONet(nn.Module):
                 fixed_poses=N if structure_only else self.ba_cfg.fixed_poses,
                 backward=self.ba_cfg.backward, truncate_k=self.ba_cfg.truncate_k,
                 mode="structure" if structure_only else "full",
-                image_size=(h, w), image_margin_px=margin)
+                image_size=(h, w), image_margin_px=margin, pose_damping=self.ba_cfg.pose_damping,
+                adaptive=self.ba_cfg.adaptive)
             T_wc, d = result.T_wc, result.patches[:, :, 2, centre, centre]
             reproj = projective.transform(T_wc, result.patches, K, graph.ii, graph.jj, graph.kk)
             steps.append(UpdateStep(T_wc=T_wc, inverse_depth=d, coords=reproj.coords, valid=reproj.valid,
