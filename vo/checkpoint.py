@@ -81,3 +81,34 @@ def latest_checkpoint(folder: str | os.PathLike) -> Optional[Path]:
     """The ``last.pt`` of a run folder, if any."""
     p = Path(folder) / "checkpoints" / "last.pt"
     return p if p.is_file() else None
+
+
+def export_weights(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the model weights and resolved config of a training checkpoint (no optimiser or RNG state).
+
+    The result is what ``evaluate.py --ckpt`` and ``diagnose.py --ckpt`` load:
+    ``{"model": state_dict, "config": dict, "step": int, "version": int}``.
+    """
+    ckpt = load_checkpoint(checkpoint)
+    slim = {"version": CHECKPOINT_VERSION, "model": ckpt["model"], "config": ckpt.get("config"),
+            "step": ckpt.get("step"), "source": str(Path(checkpoint).name)}
+    return atomic_save(slim, out)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m vo.checkpoint",
+                                description="Export the weights of a training checkpoint.")
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("export", help="write model weights + config only")
+    e.add_argument("checkpoint")
+    e.add_argument("out")
+    args = p.parse_args(argv)
+    path = export_weights(args.checkpoint, args.out)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
