@@ -183,7 +183,8 @@ def _angle_coefficients(theta2: torch.Tensor):
     t2 = torch.where(small, torch.ones_like(theta2), theta2)
     t = t2.sqrt()
     a = torch.where(small, 1 - theta2 / 6, torch.sin(t) / t)
-    b = torch.where(small, 0.5 - theta2 / 24, (1 - torch.cos(t)) / t2)
+    # 1 - cos t = 2 sin^2(t / 2): no cancellation to 0 in float32 just above the series' range
+    b = torch.where(small, 0.5 - theta2 / 24, 2 * torch.sin(t / 2) ** 2 / t2)
     c = torch.where(small, 1.0 / 6 - theta2 / 120, (t - torch.sin(t)) / (t2 * t))
     return a, b, c
 
@@ -223,8 +224,9 @@ def log(T: torch.Tensor) -> torch.Tensor:
     small_t = theta2 < SMALL_ANGLE_SQ
     t2 = torch.where(small_t, torch.ones_like(theta2), theta2)
     t = t2.sqrt()
-    # V^-1 = I - 1/2 Phi + e Phi^2 with e = (1 - t sin t / (2 (1 - cos t))) / t^2 -> 1/12
-    e = torch.where(small_t, 1.0 / 12 + theta2 / 720, (1 - t * torch.sin(t) / (2 * (1 - torch.cos(t)))) / t2)
+    # V^-1 = I - 1/2 Phi + e Phi^2 with e = (1 - t sin t / (2 (1 - cos t))) / t^2 -> 1/12, written as
+    # (1 - (t/2) / tan(t/2)) / t^2: 1 - cos t rounds to 0 in float32 for t just above the series' range
+    e = torch.where(small_t, 1.0 / 12 + theta2 / 720, (1 - (t / 2) / torch.tan(t / 2)) / t2)
     Phi = skew(phi)
     V_inv = torch.eye(3, dtype=T.dtype, device=T.device) - 0.5 * Phi + e[..., None, None] * (Phi @ Phi)
     rho = (V_inv @ T[..., :3].unsqueeze(-1)).squeeze(-1)

@@ -1,0 +1,86 @@
+"""A trained model for inference: load a checkpoint into a :class:`~vo.net.VONet` and the streaming settings.
+
+A checkpoint is a dict with ``"model"`` (the state dict) and ``"config"`` (the
+run's fully resolved config, whose ``model`` and ``ba`` sections build the
+network), as :class:`~vo.training.Trainer` and :func:`~vo.checkpoint.atomic_save` write it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .checkpoint import load_checkpoint
+from .net import VONet
+from .streaming import StreamingConfig
+
+#: How to make a checkpoint, for error messages.
+HOW_TO_TRAIN = ("train one with `python train.py` (it writes <run.out_dir>/checkpoints/last.pt, by default "
+                "runs/default/checkpoints/last.pt) and pass it with --ckpt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used for inference: names the file and what is wrong."""
+
+
+def load_model(path: str | os.PathLike, device=None) -> tuple[VONet, dict]:
+    """The network of a checkpoint, in eval mode on ``device``, and the checkpoint's config (a dict).
+
+    Raises:
+        CheckpointError: the file is missing (the message says how to make one), unreadable, or its
+        ``config`` / ``model`` do not build a :class:`VONet`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path} ({'it is a folder; ' if path.is_dir() else ''}"
+                              f"{HOW_TO_TRAIN})")
+    try:
+        ckpt = load_checkpoint(path, map_location="cpu")
+    except (ValueError, FileNotFoundError) as e:
+        raise CheckpointError(str(e)) from None
+    config = ckpt.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("model", {}), dict):
+        raise CheckpointError(f"{path}: expected a 'config' dict with a 'model' section (the run's config), got "
+                              f"{type(config).__name__}")
+    try:
+        net = VONet(dict(config.get("model", {})), dict(config.get("ba", {})))
+        net.load_state_dict(ckpt["model"])
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"{path}: its 'model' state dict does not fit the network its 'config' describes: "
+                              f"{e}") from None
+    net.eval()
+    if device is not None:
+        net.to(device)
+    return net, config
+
+
+def streaming_config_for(net: VONet, **overrides) -> StreamingConfig:
+    """A :class:`StreamingConfig` that follows the network's settings (patches per frame, initial inverse
+    depths; the BA's iterations, damping, adaptive or fixed steps, pose damping and image margin, as
+    trained); ``overrides`` win (None values are ignored)."""
+    ba = net.ba_cfg
+    base = {"patches_per_frame": net.cfg.patches_per_frame, "init_inverse_depth": tuple(net.cfg.init_inverse_depth),
+            "ba_iterations": ba.iterations, "ba_damping": ba.damping, "bounds_margin_px": ba.bounds_margin_px,
+            "ba_adaptive": bool(getattr(ba, "adaptive", True)),
+            "ba_pose_damping": float(getattr(ba, "pose_damping", 0.0))}
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return StreamingConfig(**base)
+
+
+def random_checkpoint(path: str | os.PathLike, model: Optional[dict] = None, ba: Optional[dict] = None,
+                      seed: int = 0) -> Path:
+    """Write a checkpoint of a randomly initialised :class:`VONet` (for tests and smoke runs, not for results).
+
+    ``model`` / ``ba``: config sections (defaults: the network's defaults).
+    """
+    from .checkpoint import atomic_save
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = VONet(model or {}, ba or {})
+    config = {"model": {**{k: getattr(net.cfg, k) for k in net.cfg.__dataclass_fields__}},
+              "ba": {**{k: getattr(net.ba_cfg, k) for k in net.ba_cfg.__dataclass_fields__}}}
+    config["model"] = {k: list(v) if isinstance(v, tuple) else v for k, v in config["model"].items()}
+    return atomic_save({"model": net.state_dict(), "config": config, "random_init": True}, path)
