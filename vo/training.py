@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .balancing import AdaptiveBalancer
 from .checkpoint import CHECKPOINT_VERSION, atomic_save, load_checkpoint, rng_state, set_rng_state
 from .config import Config, save_config
+from .instrument import Instrument
 from .losses import LossConfig, training_loss
 from .net import VONet
 from .runtime import DistInfo, step_generator
@@ -114,6 +115,8 @@ class Trainer:
         self.skipped_steps = 0
         self.history: list[dict] = []
         self.hooks: list[Callable] = []     # called as hook(trainer, step_record) after each step
+        # --- gradient-variance instrumentation (vo.instrument; None when the config disables it) ---
+        self.instrument = Instrument.for_trainer(self)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -186,7 +189,13 @@ class Trainer:
             record.update(self.balancer.update(
                 lc.flow_weight * terms.flow, terms.translation, terms.rotation,
                 lc.pose_weight * (terms.translation + self.balancer.rotation_coeff * terms.rotation), probe))
+        # --- instrumentation (vo.instrument): probes before the backward, gradient sample after it ---
+        if self.instrument is not None:
+            self.instrument.before_backward(self, step, output, terms, batch, structure_only)
         self.scaler.scale(terms.total).backward()
+        if self.instrument is not None:
+            record.update(self.instrument.after_backward(self, step, output))
+        # --- end of instrumentation ---
         self.scaler.unscale_(self.optimizer)
         finite = torch.tensor([float(all(p.grad is None or bool(torch.isfinite(p.grad).all())
                                          for p in self.model.parameters()))], device=self.device)
