@@ -134,9 +134,12 @@ def test_metrics_equal_evo_command_line(tmp_path):
         "rpe_frames": ["evo_rpe", "tum", ref_file, est_file, "-as", "--delta", "1", "--delta_unit", "f"],
         "rpe_metres": ["evo_rpe", "tum", ref_file, est_file, "-as", "--delta", "2", "--delta_unit", "m"],
     }
-    env = {**os.environ, "HOME": str(tmp_path), "MPLBACKEND": "Agg"}     # evo writes ~/.evo settings
     procs = {}
     for name, cmd in runs.items():
+        # evo writes ~/.evo/settings.json on first use: one HOME per process, so parallel runs never race on it
+        home = tmp_path / f"home_{name}"
+        home.mkdir()
+        env = {**os.environ, "HOME": str(home), "MPLBACKEND": "Agg"}
         cmd = [_evo_cli(cmd[0])] + [str(c) for c in cmd[1:]] + ["--save_results", str(tmp_path / f"{name}.zip"),
                                                                  "--no_warnings"]
         procs[name] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
