@@ -350,7 +350,7 @@ def test_instrument_config_errors_name_the_key(tmp_path):
     from vo.runtime import DistInfo
     from vo.training import Trainer
 
-    with pytest.raises(ValueError, match="instrument config: unknown keys \\['windows'\\]"):
+    with pytest.raises(ValueError, match="instrument: unknown keys \\['windows'\\]"):
         InstrumentConfig.from_dict({"windows": 3})
     with pytest.raises(ValueError, match="instrument.pose_noise: expected a list of noise levels >= 0"):
         InstrumentConfig.from_dict({"pose_noise": [0.1, -1.0]})

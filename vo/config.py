@@ -63,6 +63,23 @@ def _wrap(x):
     return x
 
 
+def dataclass_from_section(cls, values: Mapping, section: str, tuples: tuple = ()):
+    """Build the settings dataclass ``cls`` from one config section.
+
+    An unknown key is a :class:`ConfigError` naming the section and listing the
+    valid keys; the keys in ``tuples`` (YAML lists) become tuples.
+    """
+    known = set(cls.__dataclass_fields__)
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"{section}: unknown keys {sorted(unknown)}; valid keys: {sorted(known)}")
+    kw = dict(values)
+    for key in tuples:
+        if key in kw:
+            kw[key] = tuple(kw[key])
+    return cls(**kw)
+
+
 def resolve_path(path: str | os.PathLike) -> Path:
     """A config path as given, or else a file of that name in ``configs/``."""
     p = Path(path)

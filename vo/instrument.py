@@ -43,6 +43,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .config import dataclass_from_section
 from .diagnostics import (LINEARIZATION_OBJECTIVES, PearsonSums, gain_ratio_summary, gain_ratios,
                           ground_truth_of, interference, linearization_snr, loss_term_gradients,
                           problem_of_update, residual_dependence, term_contributions)
@@ -79,11 +80,7 @@ class InstrumentConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "InstrumentConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"instrument config: unknown keys {sorted(unknown)}; valid keys: {sorted(known)}")
-        cfg = cls(**d)
+        cfg = dataclass_from_section(cls, d, "instrument")
         if cfg.window < 1 or cfg.stats_every < 1 or cfg.probe_every < 0 or cfg.trials < 1:
             raise ValueError(f"instrument config: expected window >= 1, stats_every >= 1, probe_every >= 0, "
                              f"trials >= 1; got {cfg}")

@@ -27,6 +27,7 @@ import torch
 
 from ba_layer import lie, projective
 
+from .config import dataclass_from_section
 from .extractor import FEATURE_STRIDE
 from .graph import PatchGraph
 
@@ -219,11 +220,7 @@ class LossConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LossConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"loss config: unknown keys {sorted(unknown)}; valid keys: {sorted(known)}")
-        cfg = cls(**d)
+        cfg = dataclass_from_section(cls, d, "loss")
         if cfg.objective not in cls.OBJECTIVES:
             raise ValueError(f"loss.objective: expected one of {cls.OBJECTIVES}, got '{cfg.objective}'")
         if cfg.edge_set not in EDGE_SETS:

@@ -31,6 +31,7 @@ from torch import nn
 from ba_layer import projective
 from ba_layer.ba import bundle_adjust
 
+from .config import dataclass_from_section
 from .corr import AllPairsCorrBlock, CorrBlock
 from .extractor import FEATURE_STRIDE, Encoder
 from .graph import PatchGraph, clip_graph
@@ -63,15 +64,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"model config: unknown keys {sorted(unknown)}; valid keys: {sorted(known)}")
-        kw = dict(d)
-        for key in ("corr_levels", "init_inverse_depth"):
-            if key in kw:
-                kw[key] = tuple(kw[key])
-        return cls(**kw)
+        return dataclass_from_section(cls, d, "model", tuples=("corr_levels", "init_inverse_depth"))
 
 
 @dataclass
@@ -89,11 +82,7 @@ class BAConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "BAConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"ba config: unknown keys {sorted(unknown)}; valid keys: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_section(cls, d, "ba")
 
 
 @dataclass

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .balancing import AdaptiveBalancer
 from .checkpoint import CHECKPOINT_VERSION, atomic_save, load_checkpoint, rng_state, set_rng_state
-from .config import Config, save_config
+from .config import Config, dataclass_from_section, save_config
 from .instrument import Instrument
 from .losses import LossConfig, training_loss
 from .net import VONet
@@ -51,11 +51,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"train config: unknown keys {sorted(unknown)}; valid keys: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_section(cls, d, "train")
 
 
 def clip_index(step: int, rank: int, world_size: int, batch_size: int, n_clips: int,
