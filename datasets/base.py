@@ -321,3 +321,15 @@ def warn_frames(problems: Problems, path: Path, indices, lines: list[int], what:
     for run in consecutive_runs(indices):
         first, last = lines[run[0]], lines[run[-1]]
         problems.warn(path, f"{len(run)} frame(s) (lines {first}-{last}) {what}", first)
+
+
+def read_undistorted(path: Path, native_size: tuple, undistorter, size: tuple, expected: str) -> torch.Tensor:
+    """An image file as (3, H, W) float32 in [0, 1]: read, checked against ``native_size``, undistorted, resized.
+
+    ``expected`` completes the error message for an image of another size
+    (where the reader got its expectation from).
+    """
+    img = read_image(path)
+    if tuple(img.shape[-2:]) != tuple(native_size):
+        raise DataError(path, f"image of size {tuple(img.shape[-2:])} (H, W), expected {tuple(native_size)} {expected}")
+    return image_to_tensor(undistorter(img.permute(1, 2, 0).numpy()), size)

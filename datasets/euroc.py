@@ -45,8 +45,8 @@ import torch
 
 from ba_layer import lie
 
-from .base import (DataError, Problems, Sequence, Undistorter, check_increasing, image_to_tensor, warn_frames,
-                   parse_floats, read_image, read_rows, scale_intrinsics)
+from .base import (DataError, Problems, Sequence, Undistorter, check_increasing, warn_frames,
+                   parse_floats, read_rows, read_undistorted, scale_intrinsics)
 
 #: Default largest |t_image - t_groundtruth| for an association, seconds.
 EUROC_MAX_TIME_DIFF_S = 0.005
@@ -316,9 +316,5 @@ class EurocSequence(Sequence):
     def image(self, i: int) -> torch.Tensor:
         """(3, H, W) float32 in [0, 1], undistorted (grey replicated to three channels), resized to ``image_size``."""
         i = self._check_index(i)
-        img = read_image(self.files[i])
-        if tuple(img.shape[-2:]) != self.native_size:
-            raise DataError(self.files[i], f"image of size {tuple(img.shape[-2:])} (H, W), expected "
-                                           f"{self.native_size} from the camera's sensor.yaml 'resolution'")
-        undistorted = self.undistorter(img.permute(1, 2, 0).numpy())
-        return image_to_tensor(undistorted, self.size)
+        return read_undistorted(self.files[i], self.native_size, self.undistorter, self.size,
+                                "from the camera's sensor.yaml 'resolution'")

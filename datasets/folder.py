@@ -21,8 +21,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .base import (DataError, Problems, Sequence, Undistorter, check_increasing, image_to_tensor, parse_floats,
-                   read_image, read_rows, scale_intrinsics)
+from .base import (DataError, Problems, Sequence, Undistorter, check_increasing, parse_floats,
+                   read_image, read_rows, read_undistorted, scale_intrinsics)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
 #: Numbers in a calibration file: fx fy cx cy, optionally k1 k2 p1 p2 or k1 k2 p1 p2 k3.
@@ -119,8 +119,5 @@ class ImageFolderSequence(Sequence):
     def image(self, i: int) -> torch.Tensor:
         """(3, H, W) float32 RGB in [0, 1], undistorted if the calibration has distortion, resized to ``image_size``."""
         i = self._check_index(i)
-        img = read_image(self.files[i])
-        if tuple(img.shape[-2:]) != self.native_size:
-            raise DataError(self.files[i], f"image of size {tuple(img.shape[-2:])} (H, W), expected "
-                                           f"{self.native_size} like the first image {self.files[0].name}")
-        return image_to_tensor(self.undistorter(img.permute(1, 2, 0).numpy()), self.size)
+        return read_undistorted(self.files[i], self.native_size, self.undistorter, self.size,
+                                f"like the first image {self.files[0].name}")

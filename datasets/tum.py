@@ -39,8 +39,8 @@ import torch
 
 from ba_layer import lie
 
-from .base import (DataError, Problems, Sequence, Undistorter, check_increasing, image_to_tensor, warn_frames,
-                   parse_floats, read_image, read_rows, scale_intrinsics)
+from .base import (DataError, Problems, Sequence, Undistorter, check_increasing, warn_frames,
+                   parse_floats, read_image, read_rows, read_undistorted, scale_intrinsics)
 
 #: Default largest timestamp difference of an association, seconds (TUM's associate.py default).
 TUM_MAX_TIME_DIFF_S = 0.02
@@ -249,11 +249,7 @@ class TumRgbdSequence(Sequence):
     def image(self, i: int) -> torch.Tensor:
         """(3, H, W) float32 RGB in [0, 1], undistorted if asked, resized to ``image_size``."""
         i = self._check_index(i)
-        img = read_image(self.files[i])
-        if tuple(img.shape[-2:]) != self.native_size:
-            raise DataError(self.files[i], f"image of size {tuple(img.shape[-2:])} (H, W), expected {self.native_size} "
-                                           f"like the first image")
-        return image_to_tensor(self.undistorter(img.permute(1, 2, 0).numpy()), self.size)
+        return read_undistorted(self.files[i], self.native_size, self.undistorter, self.size, "like the first image")
 
     def depth(self, i: int) -> torch.Tensor:
         """(H, W) float32 metres along the optical axis, 0 where invalid, aligned with ``image(i)``."""

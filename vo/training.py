@@ -205,7 +205,6 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         self.scaler.update()
         self.scheduler.step()
-        status = output.final.ba_status
         record.update({
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm),
