@@ -591,56 +591,30 @@ def _adjoint_rhs(cfg: _Config, T_free_star: torch.Tensor, d_star: torch.Tensor, 
     return rhs
 
 
-def _implicit_gradients_targets_weights(cfg: _Config, saved, g_T, g_d):
-    """Gauss-Newton IFT when only targets and weights need gradients: closed form, no graph.
+def _adjoint(cfg: _Config, T_wc, T_free_star, d_star, data, rhs: list, keep_graph: bool):
+    """Solve ``(A + mu D) v = rhs`` at the solution (module docstring).
 
-    With ``u = J v`` the change of each reprojection along the adjoint
-    solution, ``dL/dtargets = w u`` and ``dL/dweights = r u`` (``F = J^T W r``).
+    Builds the linearisation at the solution; for the ``"exact"`` Hessian (or
+    when ``keep_graph``) with a graph over the solver's variables, whose
+    ``F = J^T W r`` gives exact Hessian-vector products.  Returns ``(v, lin,
+    F)``: ``v`` a list (poses' tangents, inverse depths), ``lin`` the
+    linearisation, ``F`` the list of gradient blocks (None without a graph).
     """
-    T_free_star, d_star, T_wc, patches, intrinsics, targets, weights = saved
     B = T_wc.shape[0]
-    keep = (~cfg.failed).to(T_wc.dtype)[:, None]
-    rhs = _adjoint_rhs(cfg, T_free_star, d_star, g_T, g_d, keep)
-    with torch.no_grad():
-        T = torch.cat([T_wc[:, :cfg.fixed], T_free_star], dim=1)
-        data = cfg.edges(patches, intrinsics, targets, weights)
-        lin = linearize(T, d_star, data)
-        neq = assemble(lin, data, cfg.N, cfg.M, cfg.fixed, cfg.mode)
-        mu = torch.full((B,), cfg.implicit_damping, dtype=T_wc.dtype, device=T_wc.device)
-        fac, mu, n_fail = _factor_with_retries(neq, mu)
-        cfg.backward_info.update(hessian=cfg.implicit_hessian, cg_steps=0, damping=mu, solver_failures=n_fail)
-        v_p, v_d = schur_solve(fac, rhs[0] if cfg.solve_poses else None, rhs[-1] if cfg.solve_depths else None)
-        xi = None
-        if v_p is not None:
-            xi = torch.cat([v_p.new_zeros(B, cfg.fixed, 6), v_p.view(B, -1, 6)], dim=1)
-        u = reprojection_change(lin, data, xi, v_d)                       # (2, B, E)
-        g_targets = (lin.weights * u).permute(1, 2, 0)
-        g_weights = (lin.residual * u).permute(1, 2, 0)
-    return None, None, None, g_targets, g_weights
-
-
-def _implicit_gradients(cfg: _Config, saved, needs, g_T, g_d):
-    """``v^T dF/dtheta`` with ``(A + mu D) v = dL/dx*`` (module docstring)."""
-    if cfg.implicit_hessian == "gauss_newton" and not any(needs[:3]):
-        g = _implicit_gradients_targets_weights(cfg, saved, g_T, g_d)
-        return tuple(gi if n else None for gi, n in zip(g, needs))
-    T_free_star, d_star, *inputs = saved
-    with torch.enable_grad():
-        theta = [x.detach().requires_grad_(bool(n)) for x, n in zip(inputs, needs)]
-        T_wc, patches, intrinsics, targets, weights = theta
-        B = T_wc.shape[0]
+    graph = keep_graph or cfg.implicit_hessian == "exact"
+    with torch.enable_grad() if graph else torch.no_grad():
         xi = torch.zeros(B, T_free_star.shape[1], 6, dtype=T_wc.dtype, device=T_wc.device,
-                         requires_grad=cfg.solve_poses)
-        dd = torch.zeros_like(d_star).requires_grad_(cfg.solve_depths)
-        T_free = retract_poses(T_free_star, xi) if cfg.solve_poses else T_free_star
+                         requires_grad=graph and cfg.solve_poses)
+        dd = torch.zeros_like(d_star).requires_grad_(graph and cfg.solve_depths)
+        T_free = retract_poses(T_free_star, xi) if (graph and cfg.solve_poses) else T_free_star
         T = torch.cat([T_wc[:, :cfg.fixed], T_free], dim=1)
-        data = cfg.edges(patches, intrinsics, targets, weights)
-        lin = linearize(T, d_star + dd, data)
-        grad_eq = assemble(lin, data, cfg.N, cfg.M, cfg.fixed, cfg.mode, hessian=False)   # F = J^T W r
-        solved = [(x, f) for x, f, on in ((xi, grad_eq.g_p, cfg.solve_poses), (dd, grad_eq.g_d, cfg.solve_depths))
-                  if on]
-        x_vars, F = [x for x, _ in solved], [f for _, f in solved]
-    rhs = _adjoint_rhs(cfg, T_free_star, d_star, g_T, g_d, (~cfg.failed).to(T_wc.dtype)[:, None])
+        lin = linearize(T, d_star + dd if graph else d_star, data)
+        F = x_vars = None
+        if graph:
+            grad_eq = assemble(lin, data, cfg.N, cfg.M, cfg.fixed, cfg.mode, hessian=False)   # F = J^T W r
+            solved = [(x, f) for x, f, on in ((xi, grad_eq.g_p, cfg.solve_poses),
+                                              (dd, grad_eq.g_d, cfg.solve_depths)) if on]
+            x_vars, F = [x for x, _ in solved], [f for _, f in solved]
     with torch.no_grad():
         neq = assemble(detach(lin), data, cfg.N, cfg.M, cfg.fixed, cfg.mode)
         mu = torch.full((B,), cfg.implicit_damping, dtype=T_wc.dtype, device=T_wc.device)
@@ -653,8 +627,7 @@ def _implicit_gradients(cfg: _Config, saved, needs, g_T, g_d):
             D.append(mu[:, None] * neq.C.clamp_min(DAMPING_FLOOR))
 
     def precondition(r):
-        x = schur_solve(fac, r[0] if cfg.solve_poses else None,
-                        r[-1] if cfg.solve_depths else None)
+        x = schur_solve(fac, r[0] if cfg.solve_poses else None, r[-1] if cfg.solve_depths else None)
         return [v for v in x if v is not None]
 
     def apply_A(p):
@@ -664,7 +637,48 @@ def _implicit_gradients(cfg: _Config, saved, needs, g_T, g_d):
             JFp = torch.autograd.grad(Fp, x_vars, retain_graph=True)
         return [-j.flatten(1) + Di * pi for j, Di, pi in zip(JFp, D, p)]
 
-    v = _solve_adjoint(rhs, precondition, apply_A, cfg)
+    return _solve_adjoint(rhs, precondition, apply_A, cfg), lin, F
+
+
+def _implicit_gradients_targets_weights(cfg: _Config, saved, g_T, g_d):
+    """The IFT gradients when only targets and weights need them: closed form, whatever the Hessian.
+
+    ``F = J^T W r`` and ``J`` depends on neither, so with ``u = J v`` the change
+    of each reprojection along the adjoint solution, ``dL/dtargets = w u`` and
+    ``dL/dweights = r u``; no graph over the inputs is built.
+    """
+    T_free_star, d_star, T_wc, patches, intrinsics, targets, weights = saved
+    B = T_wc.shape[0]
+    keep = (~cfg.failed).to(T_wc.dtype)[:, None]
+    rhs = _adjoint_rhs(cfg, T_free_star, d_star, g_T, g_d, keep)
+    with torch.no_grad():
+        data = cfg.edges(patches, intrinsics, targets, weights)
+    v, lin, _ = _adjoint(cfg, T_wc, T_free_star, d_star, data, rhs, keep_graph=False)
+    with torch.no_grad():
+        lin = detach(lin)
+        v_p = v[0] if cfg.solve_poses else None
+        v_d = v[-1] if cfg.solve_depths else None
+        xi = None
+        if v_p is not None:
+            xi = torch.cat([v_p.new_zeros(B, cfg.fixed, 6), v_p.view(B, -1, 6)], dim=1)
+        u = reprojection_change(lin, data, xi, v_d)                       # (2, B, E)
+        g_targets = (lin.weights * u).permute(1, 2, 0)
+        g_weights = (lin.residual * u).permute(1, 2, 0)
+    return None, None, None, g_targets, g_weights
+
+
+def _implicit_gradients(cfg: _Config, saved, needs, g_T, g_d):
+    """``v^T dF/dtheta`` with ``(A + mu D) v = dL/dx*`` (module docstring)."""
+    if not any(needs[:3]):
+        g = _implicit_gradients_targets_weights(cfg, saved, g_T, g_d)
+        return tuple(gi if n else None for gi, n in zip(g, needs))
+    T_free_star, d_star, *inputs = saved
+    with torch.enable_grad():
+        theta = [x.detach().requires_grad_(bool(n)) for x, n in zip(inputs, needs)]
+        T_wc, patches, intrinsics, targets, weights = theta
+        data = cfg.edges(patches, intrinsics, targets, weights)
+    rhs = _adjoint_rhs(cfg, T_free_star, d_star, g_T, g_d, (~cfg.failed).to(T_wc.dtype)[:, None])
+    v, _, F = _adjoint(cfg, T_wc, T_free_star, d_star, data, rhs, keep_graph=True)
     with torch.enable_grad():
         Fv = sum((f * vi).sum() for f, vi in zip(F, v))
         wanted = [x for x in theta if x.requires_grad]
