@@ -22,6 +22,12 @@ no gradient is needed):
 
 In both cases the ``(2R+1)^2`` samples are drawn by ``grid_sample`` (bilinear,
 ``align_corners=True``, zero padding), as in :class:`~vo.corr.CorrBlock`.
+
+The gathered windows (tens of MB at 320x240) and the raw correlations go into
+buffers that are kept between calls (:func:`_workspace`): a fresh allocation
+of that size is served by new pages from the kernel, and their first touch
+cost 4-8x the gather itself on our CPU.  Inputs that require gradients get
+fresh tensors instead.
 """
 from __future__ import annotations
 
@@ -32,6 +38,28 @@ import torch.nn.functional as F
 FULL_MAP_MAX_WINDOW_RATIO = 4.0
 #: Reprojections are clamped to this many pixels before windows are placed (finite integer window origins).
 COORD_CLAMP_PX = 1e4
+
+
+_WORKSPACE: dict = {}
+
+
+def _workspace(name: str, shape: tuple, like: torch.Tensor, reuse: bool) -> torch.Tensor:
+    """A tensor of ``shape`` with ``like``'s dtype and device; with ``reuse``, a view of a buffer kept between calls.
+
+    The buffer's contents are overwritten by the next call that asks for ``name``: only use it for
+    intermediates that do not outlive the call.
+    """
+    if not reuse:
+        return like.new_empty(shape)
+    n = 1
+    for d in shape:
+        n *= int(d)
+    key = (name, like.dtype, like.device)
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.numel() < n:
+        buf = like.new_empty(max(n, 1))
+        _WORKSPACE[key] = buf
+    return buf[:n].view(shape)
 
 
 def window_side(radius: int, patch_size: int) -> int:
@@ -81,9 +109,11 @@ def windowed_level(table: torch.Tensor, size: tuple[int, int], patch_features: t
     inside = ((wy >= 0) & (wy < h))[:, :, None] & ((wx >= 0) & (wx < w))[:, None, :]   # (E, S, S)
     rows = target.view(E, 1, 1) * (h * w) + wy.clamp(0, h - 1)[:, :, None] * w + wx.clamp(0, w - 1)[:, None, :]
     rows = torch.where(inside, rows, torch.full_like(rows, zero_row))
-    window = table.index_select(0, rows.reshape(-1)).view(E, S * S, C)
+    reuse = not (torch.is_grad_enabled() and (table.requires_grad or patch_features.requires_grad))
+    window = torch.index_select(table, 0, rows.reshape(-1), out=_workspace("window", (E * S * S, C), table, reuse))
+    window = window.view(E, S * S, C)
     g = patch_features.index_select(0, patch).reshape(E, C, P * P).transpose(1, 2) * C ** -0.5   # (E, P*P, C)
-    corr = torch.bmm(g, window.transpose(1, 2))                                    # (E, P*P, S*S)
+    corr = torch.bmm(g, window.transpose(1, 2), out=_workspace("corr", (E, P * P, S * S), g, reuse))
     pos = coords - base.view(E, 1, 1, 2).to(coords.dtype)                          # (E, P, P, 2) in the window
     return _sample(corr.reshape(E * P * P, 1, S, S), pos.reshape(E * P * P, 2), radius).reshape(E, -1)
 
@@ -95,7 +125,8 @@ def full_map_level(table: torch.Tensor, size: tuple[int, int], patch_features: t
     C = table.shape[1]
     E, P = coords.shape[0], coords.shape[1]
     g = patch_features.index_select(0, patch).reshape(E, C, P * P).transpose(1, 2) * C ** -0.5   # (E, P*P, C)
-    corr = g.new_empty(E, P * P, h * w)
+    reuse = not (torch.is_grad_enabled() and (table.requires_grad or patch_features.requires_grad))
+    corr = _workspace("corr", (E, P * P, h * w), g, reuse)
     for slot in torch.unique(target).tolist():
         sel = (target == slot).nonzero().squeeze(1)
         corr[sel] = torch.matmul(g[sel], table[slot * h * w:(slot + 1) * h * w].t())
