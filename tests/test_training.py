@@ -156,6 +156,16 @@ def test_checkpoint_is_never_half_written(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".pt") and p != "ckpt.pt"]
 
 
+def test_checkpoint_gets_ordinary_file_permissions(tmp_path):
+    """Not the owner-only mode of the temporary file it is written as: others can read a shared run."""
+    old = os.umask(0o022)
+    try:
+        path = atomic_save({"w": torch.zeros(2)}, tmp_path / "ckpt.pt")
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o644
+
+
 def test_load_checkpoint_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.pt"):
         load_checkpoint(tmp_path / "nowhere.pt")

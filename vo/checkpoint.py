@@ -21,8 +21,18 @@ import torch
 CHECKPOINT_VERSION = 1
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to ``path`` atomically (temporary file + fsync + rename)."""
+    """``torch.save`` to ``path`` atomically (temporary file + fsync + rename).
+
+    The file gets the permissions of an ordinary new file (``0o666`` minus the umask), not the
+    owner-only mode of the temporary file it starts as.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -31,6 +41,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
