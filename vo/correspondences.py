@@ -17,6 +17,7 @@ drops it with the edge).
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Optional
 
@@ -40,7 +41,7 @@ class Prediction:
     hidden: Optional[torch.Tensor] = None
 
 
-class CorrespondenceSource:
+class CorrespondenceSource(ABC):
     """Interface of a correspondence source (see the module docstring).
 
     Attributes:
@@ -57,11 +58,12 @@ class CorrespondenceSource:
     def __init__(self):
         self.timer = StageTimer()
 
+    @abstractmethod
     def allocate(self, capacity: int, patches_per_frame: int, feature_size: tuple[int, int], device,
                  dtype: torch.dtype) -> None:
         """Create the slot buffers: ``capacity`` frames of ``patches_per_frame`` patches, maps of ``feature_size``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def add_frame(self, slot: int, frame_id: int, image: torch.Tensor, centres: torch.Tensor) -> None:
         """Frame ``frame_id`` (its index in the sequence) enters slot ``slot``.
 
@@ -69,8 +71,8 @@ class CorrespondenceSource:
             image: (3, H, W) float RGB in [0, 1], H and W multiples of the feature stride.
             centres: (p, 2) integer patch centres ``(x, y)`` in feature pixels.
         """
-        raise NotImplementedError
 
+    @abstractmethod
     def predict(self, problem: WindowProblem, coords: torch.Tensor, hidden: Optional[torch.Tensor],
                 graph: PatchGraph) -> Prediction:
         """Targets and weights of the edges of ``problem``.
@@ -80,7 +82,6 @@ class CorrespondenceSource:
             hidden: (1, E, state_dim) the edges' hidden state, or None.
             graph: the patch graph of ``problem``'s edges.
         """
-        raise NotImplementedError
 
     def state_bytes(self) -> int:
         """Bytes held in the slot buffers."""
