@@ -35,3 +35,14 @@ def euroc_root() -> Path:
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module's tests (and its module-scoped fixtures): on a shared 2-core machine the OpenMP threads of many tiny
+    operations wait on each other (several times slower); results do not depend on it.  Modules of such
+    tests use it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

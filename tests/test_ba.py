@@ -14,14 +14,7 @@ from ba_layer.ba_linearize import edge_data, linearize, source_jacobian
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP/MKL threads of tiny ops wait on each other
-    (10x slower); results do not depend on it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def window(**kw):

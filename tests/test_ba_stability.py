@@ -21,13 +21,7 @@ KINDS = ("normal", "zero_weights", "pure_rotation", "at_infinity", "negative_dep
          "wild_start", "tiny_weights")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine threads of tiny ops wait on each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def regular_batch(B: int, seed: int, dtype):

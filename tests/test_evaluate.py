@@ -53,12 +53,7 @@ KITTI_SIZE = ("96", "320")
 SHIPPED_CKPT = evaluate.DEFAULT_CKPT
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

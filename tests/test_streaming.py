@@ -42,13 +42,7 @@ SLIDING = dict(removal_window=6, optimization_window=4, edge_span=3, init_frames
                keyframe_flow_px=0.0, init_min_flow_px=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many small tensor operations: with 2 threads on a shared 2-core machine torch is several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
