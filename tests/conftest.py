@@ -1,7 +1,10 @@
-"""Shared fixtures: the real-data folder beside the project, and seeding."""
+"""Shared fixtures: the real-data folder beside the project, seeding, threads, a tiny synthetic data set and
+the environment of child processes."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,10 +42,31 @@ def _seed_and_threads():
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
-    """One intra-op thread for a module's tests (and its module-scoped fixtures): on a shared 2-core machine the OpenMP threads of many tiny
-    operations wait on each other (several times slower); results do not depend on it.  Modules of such
-    tests use it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    """One intra-op thread for a module's tests and its module-scoped fixtures: on a shared 2-core
+    machine the OpenMP threads of many tiny operations wait on each other (several times slower); results
+    do not depend on it.  Use: ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic(tmp_path_factory) -> Path:
+    """A tiny data set by the synthetic generator's command line: 64x48, 16 frames, one train and one test
+    trajectory (``<root>/train``, ``<root>/test``), made once per test session."""
+    root = tmp_path_factory.mktemp("tiny_synthetic") / "data"
+    res = subprocess.run([sys.executable, "-m", "veracity_datasets.synthetic", "--out", str(root), "--size", "64x48",
+                          "--frames", "16", "--train-scenes", "1", "--train-trajectories", "1", "--test-scenes", "1",
+                          "--test-trajectories", "1", "--workers", "1"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return root
+
+
+@pytest.fixture
+def subprocess_env(tmp_path) -> dict:
+    """Environment of a child process: its own data cache under ``tmp_path``, one OpenMP thread, and no
+    PYTHONPATH (it must find the installed packages)."""
+    env = dict(os.environ, VERACITY_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    env.pop("PYTHONPATH", None)
+    return env

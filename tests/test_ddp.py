@@ -1,7 +1,6 @@
 """Multi-process training: torchrun + DistributedDataParallel on the CPU (gloo)."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,30 +16,18 @@ TINY = ["model.dim=16", "model.feature_dim=8", "model.encoder_width=8", "model.p
         "run.device=cpu"]
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_synthetic") / "data"
-    res = subprocess.run([sys.executable, "-m", "veracity_datasets.synthetic", "--out", str(root), "--size", "64x48",
-                          "--frames", "16", "--train-scenes", "1", "--train-trajectories", "1", "--test-scenes", "1",
-                          "--test-trajectories", "1", "--workers", "1"], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    return root
 
 
-def env_with_cache(tmp_path):
-    env = dict(os.environ, VERACITY_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
-    env.pop("PYTHONPATH", None)
-    return env
 
 
 @pytest.mark.slow
-def test_torchrun_two_cpu_processes_keep_identical_parameters(tiny_data, tmp_path):
+def test_torchrun_two_cpu_processes_keep_identical_parameters(tiny_synthetic, subprocess_env, tmp_path):
     out = tmp_path / "run"
-    train_split = next(p for p in tiny_data.iterdir() if p.is_dir() and p.name == "train")
+    train_split = tiny_synthetic / "train"
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
            str(REPO / "train.py"), f"data.root={train_split}", f"run.out_dir={out}", "train.steps=3",
            "run.dump_rank_state=true", *TINY]
-    res = subprocess.run(cmd, cwd=tmp_path, env=env_with_cache(tmp_path), capture_output=True, text=True,
+    res = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env, capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     r0 = torch.load(out / "rank0_model.pt", weights_only=True)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -261,14 +260,6 @@ def test_event_files_hold_the_dashboard_layout_and_every_cause_and_training_is_u
 
 
 # ------------------------------------------------------------------ diagnose.py and a DDP run
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_synthetic") / "data"
-    res = subprocess.run([sys.executable, "-m", "veracity_datasets.synthetic", "--out", str(root), "--size", "64x48",
-                          "--frames", "16", "--train-scenes", "1", "--train-trajectories", "1", "--test-scenes", "1",
-                          "--test-trajectories", "1", "--workers", "1"], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    return root / "train"
 
 
 TINY_OVERRIDES = ["model.dim=16", "model.feature_dim=8", "model.encoder_width=8", "model.patches_per_frame=4",
@@ -276,14 +267,11 @@ TINY_OVERRIDES = ["model.dim=16", "model.feature_dim=8", "model.encoder_width=8"
                   "data.min_flow_px=1.0", "train.iters=3", "run.device=cpu"]
 
 
-def _env(tmp_path):
-    env = dict(os.environ, VERACITY_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
-    env.pop("PYTHONPATH", None)
-    return env
 
 
 @pytest.mark.slow
-def test_diagnose_command_on_a_tiny_checkpoint_writes_its_report_and_plots(tiny_data, tmp_path):
+def test_diagnose_command_on_a_tiny_checkpoint_writes_its_report_and_plots(tiny_synthetic, subprocess_env,
+                                                                           tmp_path):
     import cv2
 
     from vo.checkpoint import atomic_save
@@ -295,9 +283,9 @@ def test_diagnose_command_on_a_tiny_checkpoint_writes_its_report_and_plots(tiny_
     ckpt = atomic_save({"model": model.state_dict(), "config": cfg.to_dict()}, tmp_path / "tiny.pt")
     out = tmp_path / "diag"
     res = subprocess.run([sys.executable, str(REPO / "diagnose.py"), "--ckpt", str(ckpt), "--out", str(out),
-                          "--clips", "2", "--data-root", str(tiny_data), "instrument.trials=1",
+                          "--clips", "2", "--data-root", str(tiny_synthetic / "train"), "instrument.trials=1",
                           "instrument.pose_noise=[0.01, 0.1]", "instrument.depth_noise=[0.1]"],
-                         cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+                         cwd=tmp_path, env=subprocess_env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = (out / "report.md").read_text()
     result = json.loads((out / "diagnosis.json").read_text())
@@ -318,21 +306,21 @@ def test_diagnose_command_on_a_tiny_checkpoint_writes_its_report_and_plots(tiny_
     assert result["gain_ratio"]["ba_iterations"] > 0
     # a missing checkpoint is a clear error
     bad = subprocess.run([sys.executable, str(REPO / "diagnose.py"), "--ckpt", str(tmp_path / "none.pt")],
-                         cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=60)
+                         cwd=tmp_path, env=subprocess_env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "checkpoint not found" in bad.stderr and "none.pt" in bad.stderr
 
 
 @pytest.mark.slow
-def test_two_rank_training_logs_every_cause(tiny_data, tmp_path):
+def test_two_rank_training_logs_every_cause(tiny_synthetic, subprocess_env, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", str(REPO / "train.py"),
-           f"data.root={tiny_data}", f"run.out_dir={out}", "train.steps=2", "train.val_every=0",
+           f"data.root={tiny_synthetic / 'train'}", f"run.out_dir={out}", "train.steps=2", "train.val_every=0",
            "train.checkpoint_every=0", "train.structure_only_steps=0", "train.log_every=1", "instrument.probe_every=2",
            "instrument.stats_every=2", "instrument.trials=1", "instrument.pose_noise=[0.02]",
            "instrument.depth_noise=[0.1]", *TINY_OVERRIDES]
-    res = subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    res = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
