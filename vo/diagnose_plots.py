@@ -187,21 +187,10 @@ def interference_plot(result: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def residual_plot(result: dict, path: Path) -> Path:
+def panel_plot(draw, result: dict, path: Path) -> Path:
+    """One panel, drawn by ``draw(ax, result)`` (e.g. :func:`draw_residuals`), as a PNG of its own."""
     fig, ax = _figure(1, 1)
-    draw_residuals(ax[0, 0], result)
-    return _save(fig, path)
-
-
-def gain_ratio_plot(result: dict, path: Path) -> Path:
-    fig, ax = _figure(1, 1)
-    draw_gain_ratios(ax[0, 0], result)
-    return _save(fig, path)
-
-
-def layer_snr_plot(result: dict, path: Path) -> Path:
-    fig, ax = _figure(1, 1)
-    draw_layer_snr(ax[0, 0], result)
+    draw(ax[0, 0], result)
     return _save(fig, path)
 
 

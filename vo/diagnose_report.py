@@ -174,17 +174,17 @@ def _fmt(x: Optional[float], digits: int = 2) -> str:
 def write_report(result: dict, out_dir: Path, title: str = "Gradient-variance diagnosis",
                  source: str = "") -> Path:
     """Write ``report.md``, the PNG plots and ``diagnosis.json`` into ``out_dir``; returns the report's path."""
-    from .diagnose_plots import (gain_ratio_plot, interference_plot, layer_snr_plot, residual_plot, snr_noise_plot,
-                                 summary_plot)
+    from .diagnose_plots import (draw_gain_ratios, draw_layer_snr, draw_residuals, interference_plot, panel_plot,
+                                 snr_noise_plot, summary_plot)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = {
         "snr_vs_noise": snr_noise_plot(result, out_dir / "snr_vs_noise.png"),
         "interference": interference_plot(result, out_dir / "interference.png"),
-        "residual_dependence": residual_plot(result, out_dir / "residual_dependence.png"),
-        "gain_ratio": gain_ratio_plot(result, out_dir / "gain_ratio.png"),
-        "layer_snr": layer_snr_plot(result, out_dir / "layer_snr.png"),
+        "residual_dependence": panel_plot(draw_residuals, result, out_dir / "residual_dependence.png"),
+        "gain_ratio": panel_plot(draw_gain_ratios, result, out_dir / "gain_ratio.png"),
+        "layer_snr": panel_plot(draw_layer_snr, result, out_dir / "layer_snr.png"),
         "summary": summary_plot(result, out_dir / "summary.png"),
     }
     public = {k: v for k, v in result.items() if not k.startswith("_")}
