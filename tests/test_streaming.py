@@ -251,6 +251,10 @@ def test_streaming_correlation_equals_corrblock(size):
     assert ours.shape == reference.shape
     assert reference.abs().max() > 1.0                                   # not comparing zeros
     assert torch.allclose(ours, reference, atol=1e-5, rtol=1e-5)
+    workspace = {}                                                       # reused buffers: the same numbers,
+    correlation(tables, sizes, levels, pf, coords[:, :40], jj[:40], kk[:40], radius, workspace)   # grown once
+    reused = correlation(tables, sizes, levels, pf, coords, jj, kk, radius, workspace)
+    assert workspace and torch.equal(reused, ours)
 
 
 def test_pose_history_composes_and_interpolates():

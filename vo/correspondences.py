@@ -105,6 +105,7 @@ class LearnedCorrespondences(CorrespondenceSource):
         self.radius = int(c.corr_radius)
         self.levels = tuple(int(s) for s in c.corr_levels)
         self.pyramid: list[torch.Tensor] = []
+        self.corr_workspace: dict = {}     # the lookup's intermediate buffers, reused frame after frame
 
     def allocate(self, capacity, patches_per_frame, feature_size, device, dtype) -> None:
         c = self.net.cfg
@@ -131,7 +132,7 @@ class LearnedCorrespondences(CorrespondenceSource):
     def correlation(self, coords: torch.Tensor, target_slot: torch.Tensor, patch_slot: torch.Tensor) -> torch.Tensor:
         """Correlation features (1, E, corr_dim) of the reprojections ``coords`` (1, E, P, P, 2), levels in order."""
         return correlation(self.pyramid, self.sizes, self.levels, self.patch_features, coords, target_slot,
-                           patch_slot, self.radius)
+                           patch_slot, self.radius, self.corr_workspace)
 
     def predict(self, problem, coords, hidden, graph) -> Prediction:
         with self.timer("correlation"):

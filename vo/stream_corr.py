@@ -23,13 +23,17 @@ no gradient is needed):
 In both cases the ``(2R+1)^2`` samples are drawn by ``grid_sample`` (bilinear,
 ``align_corners=True``, zero padding), as in :class:`~vo.corr.CorrBlock`.
 
-The gathered windows (tens of MB at 320x240) and the raw correlations go into
-buffers that are kept between calls (:func:`_workspace`): a fresh allocation
-of that size is served by new pages from the kernel, and their first touch
-cost 4-8x the gather itself on our CPU.  Inputs that require gradients get
-fresh tensors instead.
+The gathered windows (tens of MB at 320x240) and the raw correlations can go
+into buffers the caller keeps between calls (``workspace``, a dict the
+correlation source owns): a fresh allocation of that size is served by new
+pages from the kernel, and their first touch cost 4-8x the gather itself on
+our CPU.  Without a workspace, or for inputs that require gradients, fresh
+tensors are used.
 """
 from __future__ import annotations
+
+import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,25 +44,20 @@ FULL_MAP_MAX_WINDOW_RATIO = 4.0
 COORD_CLAMP_PX = 1e4
 
 
-_WORKSPACE: dict = {}
+def _buffer(workspace: Optional[dict], name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """A tensor of ``shape`` with ``like``'s dtype and device: a view of ``workspace``'s buffer ``name``
+    (grown when too small), or a fresh tensor when there is no workspace or ``like`` requires gradients.
 
-
-def _workspace(name: str, shape: tuple, like: torch.Tensor, reuse: bool) -> torch.Tensor:
-    """A tensor of ``shape`` with ``like``'s dtype and device; with ``reuse``, a view of a buffer kept between calls.
-
-    The buffer's contents are overwritten by the next call that asks for ``name``: only use it for
-    intermediates that do not outlive the call.
+    The buffer's contents are overwritten by the next call that asks for ``name``: only for intermediates
+    that do not outlive the call.
     """
-    if not reuse:
+    if workspace is None or (torch.is_grad_enabled() and like.requires_grad):
         return like.new_empty(shape)
-    n = 1
-    for d in shape:
-        n *= int(d)
+    n = math.prod(int(d) for d in shape)
     key = (name, like.dtype, like.device)
-    buf = _WORKSPACE.get(key)
+    buf = workspace.get(key)
     if buf is None or buf.numel() < n:
-        buf = like.new_empty(max(n, 1))
-        _WORKSPACE[key] = buf
+        buf = workspace[key] = like.new_empty(max(n, 1))
     return buf[:n].view(shape)
 
 
@@ -82,7 +81,8 @@ def _sample(corr: torch.Tensor, pos: torch.Tensor, radius: int) -> torch.Tensor:
 
 
 def windowed_level(table: torch.Tensor, size: tuple[int, int], patch_features: torch.Tensor, coords: torch.Tensor,
-                   target: torch.Tensor, patch: torch.Tensor, radius: int) -> torch.Tensor:
+                   target: torch.Tensor, patch: torch.Tensor, radius: int,
+                   workspace: Optional[dict] = None) -> torch.Tensor:
     """One level by ``S x S`` windows around each edge's reprojected patch centre.
 
     Args:
@@ -92,6 +92,7 @@ def windowed_level(table: torch.Tensor, size: tuple[int, int], patch_features: t
         patch_features: (Mslots, C, P, P) matching features of the patches (slot space).
         coords: (E, P, P, 2) reprojections in this level's pixels.
         target, patch: (E,) int64 target slot and patch (slot space) of each edge.
+        workspace: buffers kept between calls (see the module docstring), or None.
 
     Returns:
         (E, P*P*(2R+1)^2) correlation features.
@@ -109,24 +110,23 @@ def windowed_level(table: torch.Tensor, size: tuple[int, int], patch_features: t
     inside = ((wy >= 0) & (wy < h))[:, :, None] & ((wx >= 0) & (wx < w))[:, None, :]   # (E, S, S)
     rows = target.view(E, 1, 1) * (h * w) + wy.clamp(0, h - 1)[:, :, None] * w + wx.clamp(0, w - 1)[:, None, :]
     rows = torch.where(inside, rows, torch.full_like(rows, zero_row))
-    reuse = not (torch.is_grad_enabled() and (table.requires_grad or patch_features.requires_grad))
-    window = torch.index_select(table, 0, rows.reshape(-1), out=_workspace("window", (E * S * S, C), table, reuse))
+    window = torch.index_select(table, 0, rows.reshape(-1), out=_buffer(workspace, "window", (E * S * S, C), table))
     window = window.view(E, S * S, C)
     g = patch_features.index_select(0, patch).reshape(E, C, P * P).transpose(1, 2) * C ** -0.5   # (E, P*P, C)
-    corr = torch.bmm(g, window.transpose(1, 2), out=_workspace("corr", (E, P * P, S * S), g, reuse))
+    corr = torch.bmm(g, window.transpose(1, 2), out=_buffer(workspace, "corr", (E, P * P, S * S), g))
     pos = coords - base.view(E, 1, 1, 2).to(coords.dtype)                          # (E, P, P, 2) in the window
     return _sample(corr.reshape(E * P * P, 1, S, S), pos.reshape(E * P * P, 2), radius).reshape(E, -1)
 
 
 def full_map_level(table: torch.Tensor, size: tuple[int, int], patch_features: torch.Tensor, coords: torch.Tensor,
-                   target: torch.Tensor, patch: torch.Tensor, radius: int) -> torch.Tensor:
+                   target: torch.Tensor, patch: torch.Tensor, radius: int,
+                   workspace: Optional[dict] = None) -> torch.Tensor:
     """One level by correlating each edge's patch with the target's whole map (as :func:`windowed_level`)."""
     h, w = size
     C = table.shape[1]
     E, P = coords.shape[0], coords.shape[1]
     g = patch_features.index_select(0, patch).reshape(E, C, P * P).transpose(1, 2) * C ** -0.5   # (E, P*P, C)
-    reuse = not (torch.is_grad_enabled() and (table.requires_grad or patch_features.requires_grad))
-    corr = _workspace("corr", (E, P * P, h * w), g, reuse)
+    corr = _buffer(workspace, "corr", (E, P * P, h * w), g)
     for slot in torch.unique(target).tolist():
         sel = (target == slot).nonzero().squeeze(1)
         corr[sel] = torch.matmul(g[sel], table[slot * h * w:(slot + 1) * h * w].t())
@@ -135,7 +135,7 @@ def full_map_level(table: torch.Tensor, size: tuple[int, int], patch_features: t
 
 def correlation(tables: list[torch.Tensor], sizes: list[tuple[int, int]], levels: tuple,
                 patch_features: torch.Tensor, coords: torch.Tensor, target: torch.Tensor, patch: torch.Tensor,
-                radius: int) -> torch.Tensor:
+                radius: int, workspace: Optional[dict] = None) -> torch.Tensor:
     """Correlation features (1, E, len(levels) P^2 (2R+1)^2) of a batch of one, levels in order.
 
     Args:
@@ -152,5 +152,5 @@ def correlation(tables: list[torch.Tensor], sizes: list[tuple[int, int]], levels
     for table, (h, w), s in zip(tables, sizes, levels):
         c = (coords[0] + 0.5) / s - 0.5
         level = full_map_level if h * w <= FULL_MAP_MAX_WINDOW_RATIO * S * S else windowed_level
-        out.append(level(table, (h, w), patch_features[0], c, target, patch, radius))
+        out.append(level(table, (h, w), patch_features[0], c, target, patch, radius, workspace))
     return torch.cat(out, dim=-1)[None]
