@@ -33,34 +33,42 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def build_data(cfg, is_main: bool):
-    """The training clips and the validation clips named by ``cfg.data`` (synthetic when ``data.root`` is null)."""
+def _clip_dataset(cfg, folder: Path, augment: bool):
+    """``cfg.data``'s clips of the TartanAir-layout sequences under ``folder``."""
     from veracity_datasets.clips import ClipDataset
-    from veracity_datasets.synthetic import ensure_default
     from veracity_datasets.tartanair import TartanAirSequence, find_tartanair_sequences
 
     d = cfg.data
-    size = tuple(d.image_size)
-    root = Path(d.root) if d.root else ensure_default("train")
+    seqs = [TartanAirSequence(p) for p in find_tartanair_sequences(folder)]
+    if not seqs:
+        raise SystemExit(f"data: no TartanAir sequences (P### folders) found under {folder}")
+    return ClipDataset(seqs, n_frames=d.n_frames, image_size=tuple(d.image_size), min_flow_px=d.min_flow_px,
+                       max_flow_px=d.max_flow_px, augment=augment, seed=cfg.seed)
+
+
+def validation_clips(cfg, is_main: bool = False) -> list:
+    """``cfg.train.val_clips`` clips, evenly spaced, of ``data.val_root`` (the synthetic test split when both
+    roots are null); empty when there is no validation data."""
+    from veracity_datasets.synthetic import ensure_default
+
+    d = cfg.data
     val_root = Path(d.val_root) if d.val_root else (ensure_default("test") if not d.root else None)
+    if val_root is None or cfg.train.val_clips <= 0:
+        if is_main:
+            print("data: no validation data (set data.val_root): validation ATE is not computed", flush=True)
+        return []
+    val_set = _clip_dataset(cfg, val_root, False)
+    n = min(cfg.train.val_clips, len(val_set))
+    picks = torch.linspace(0, len(val_set) - 1, n).round().long().tolist()
+    return [val_set[i] for i in picks]
 
-    def clips(folder, augment):
-        seqs = [TartanAirSequence(p) for p in find_tartanair_sequences(folder)]
-        if not seqs:
-            raise SystemExit(f"data: no TartanAir sequences (P### folders) found under {folder}")
-        return ClipDataset(seqs, n_frames=d.n_frames, image_size=size, min_flow_px=d.min_flow_px,
-                           max_flow_px=d.max_flow_px, augment=augment, seed=cfg.seed)
 
-    train_set = clips(root, d.augment)
-    val_clips = []
-    if val_root is not None and cfg.train.val_clips > 0:
-        val_set = clips(val_root, False)
-        n = min(cfg.train.val_clips, len(val_set))
-        picks = torch.linspace(0, len(val_set) - 1, n).round().long().tolist()
-        val_clips = [val_set[i] for i in picks]
-    elif is_main:
-        print("data: no validation data (set data.val_root): validation ATE is not computed", flush=True)
-    return train_set, val_clips
+def build_data(cfg, is_main: bool):
+    """The training clips and the validation clips named by ``cfg.data`` (synthetic when ``data.root`` is null)."""
+    from veracity_datasets.synthetic import ensure_default
+
+    root = Path(cfg.data.root) if cfg.data.root else ensure_default("train")
+    return _clip_dataset(cfg, root, cfg.data.augment), validation_clips(cfg, is_main)
 
 
 def main(argv=None) -> int:

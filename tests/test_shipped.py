@@ -30,13 +30,13 @@ def test_shipped_checkpoint_is_the_default_and_small():
 
 @pytest.fixture(scope="module")
 def shipped_and_clips():
-    from train import build_data
+    from train import validation_clips
     from vo.config import load_config
     from vo.inference import load_model
 
     net, config = load_model(SHIPPED, device="cpu")
     cfg = load_config(REPO / "configs" / "default.yaml", ["train.val_clips=4"])
-    _, clips = build_data(cfg, is_main=False)
+    clips = validation_clips(cfg)
     return net, config, cfg, clips
 
 
