@@ -36,19 +36,25 @@ def naive_lookup(fmap, patch_features, coords, jj, kk, radius, level):
     return out.reshape(B, E, -1)
 
 
-def test_corr_lookup_equals_full_map_sampling():
-    g = torch.Generator().manual_seed(0)
-    B, N, C, h, w, P, R = 2, 3, 8, 16, 20, 3, 3
-    fmap = torch.randn(B, N, C, h, w, generator=g, dtype=torch.float64)
-    patch_features = torch.randn(B, 5, C, P, P, generator=g, dtype=torch.float64)
-    E = 7
+def _corr_problem(seed: int, C: int, E: int, requires_grad: bool = False):
+    """Feature maps (2, 3, C, 16, 20), features of 5 patches per batch, and ``E`` edges whose reprojections are
+    slightly distorted 3x3 grids (perspective) around random centres, some near or beyond the border."""
+    g = torch.Generator().manual_seed(seed)
+    B, N, h, w, P = 2, 3, 16, 20, 3
+    fmap = torch.randn(B, N, C, h, w, generator=g, dtype=torch.float64, requires_grad=requires_grad)
+    pf = torch.randn(B, 5, C, P, P, generator=g, dtype=torch.float64, requires_grad=requires_grad)
     jj = torch.randint(0, N, (E,), generator=g)
     kk = torch.randint(0, 5, (E,), generator=g)
     centre = torch.rand(B, E, 2, generator=g, dtype=torch.float64) * torch.tensor([w + 6.0, h + 6.0]) - 3.0
     off = torch.arange(-1, 2, dtype=torch.float64)
-    # a slightly distorted 3x3 grid around each centre (perspective), some near or beyond the border
     coords = torch.stack(torch.broadcast_tensors(centre[..., None, None, 0] + 1.1 * off.view(1, 1, 1, -1),
                                                  centre[..., None, None, 1] + 0.9 * off.view(1, 1, -1, 1)), dim=-1)
+    return fmap, pf, coords, jj, kk
+
+
+def test_corr_lookup_equals_full_map_sampling():
+    B, E, P, R = 2, 7, 3, 3
+    fmap, patch_features, coords, jj, kk = _corr_problem(0, C=8, E=E)
     block = CorrBlock(fmap, patch_features, radius=R, levels=(1, 4))
     got = block(coords, jj, kk)
     assert got.shape == (B, E, block.feature_dim)
@@ -143,17 +149,8 @@ def test_gradient_clamp_clamps_and_keeps_nan_visible():
 def test_all_pairs_volume_equals_windowed_lookup_values_and_gradients():
     from vo.corr import AllPairsCorrBlock
 
-    g = torch.Generator().manual_seed(4)
-    B, N, C, h, w, P, R = 2, 3, 6, 16, 20, 3, 3
-    fmap = torch.randn(B, N, C, h, w, generator=g, dtype=torch.float64, requires_grad=True)
-    pf = torch.randn(B, 5, C, P, P, generator=g, dtype=torch.float64, requires_grad=True)
-    E = 9
-    jj = torch.randint(0, N, (E,), generator=g)
-    kk = torch.randint(0, 5, (E,), generator=g)
-    centre = torch.rand(B, E, 2, generator=g, dtype=torch.float64) * torch.tensor([w + 6.0, h + 6.0]) - 3.0
-    off = torch.arange(-1, 2, dtype=torch.float64)
-    coords = torch.stack(torch.broadcast_tensors(centre[..., None, None, 0] + 1.1 * off.view(1, 1, 1, -1),
-                                                 centre[..., None, None, 1] + 0.9 * off.view(1, 1, -1, 1)), dim=-1)
+    R = 3
+    fmap, pf, coords, jj, kk = _corr_problem(4, C=6, E=9, requires_grad=True)
     a = CorrBlock(fmap, pf, R, (1, 4))(coords, jj, kk)
     b = AllPairsCorrBlock(fmap, pf, R, (1, 4))(coords, jj, kk)
     assert torch.allclose(a, b, atol=1e-10)
