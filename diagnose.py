@@ -10,7 +10,7 @@ config then comes from ``--config`` and the overrides).  The clips come from
 the embedded synthetic data (training split, no augmentation) or from
 ``--data-root`` (a TartanAir-layout folder), evenly spaced over the data set.
 Writes ``<out>/report.md``, ``<out>/*.png`` and ``<out>/diagnosis.json``
-(:mod:`vo.diagnose_report`).
+(:mod:`vo.instrument.report`).
 """
 from __future__ import annotations
 
@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from vo.checkpoint import load_checkpoint
+from vo.train.checkpoint import load_checkpoint
 from vo.config import ConfigError, load_config
-from vo.diagnose_report import DiagnoseSettings, diagnose, write_report
-from vo.instrument import InstrumentConfig
-from vo.losses import LossConfig
-from vo.net import VONet
-from vo.runtime import pick_device, seed_everything
+from vo.instrument.report import DiagnoseSettings, diagnose, write_report
+from vo.instrument.dashboards import InstrumentConfig
+from vo.train.losses import LossConfig
+from vo.model.network import VONet
+from vo.train.distributed import pick_device, seed_everything
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = REPO / "weights" / "veracity_synthetic.pt"

@@ -7,8 +7,8 @@
     python evaluate.py --dataset folder --root my_images/ --intrinsics 458.6 457.3 367.2 248.4
 
 Each method runs frame by frame over each sequence (``learned``: the streaming
-VO of :mod:`vo.streaming` with the checkpoint's network; ``classical``:
-:class:`vo.classical.ClassicalVO`, OpenCV only).  Written to ``--out``:
+VO of :mod:`vo.streaming.runner` with the checkpoint's network; ``classical``:
+:class:`vo.baselines.classical.ClassicalVO`, OpenCV only).  Written to ``--out``:
 ``<sequence>/<method>.txt`` (TUM: ``timestamp tx ty tz qx qy qz qw``,
 camera-to-world; with ``--trials K > 1`` also ``<method>_trial<k>.txt``, the
 un-suffixed file being the trial of median ATE), ``<sequence>/groundtruth.txt``,
@@ -74,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--seed", type=int, default=0, help="seed of the first trial")
     run.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda[:N]")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    vo = p.add_argument_group("streaming VO (learned); defaults in vo.streaming.StreamingConfig")
+    vo = p.add_argument_group("streaming VO (learned); defaults in vo.streaming.settings.StreamingConfig")
     vo.add_argument("--patches-per-frame", type=int, default=None, help="default: the checkpoint's")
     vo.add_argument("--edge-span", type=int, default=None)
     vo.add_argument("--removal-window", type=int, default=None)
@@ -141,9 +141,9 @@ class Run:
 
 
 def learned_runner(args, device) -> Callable:
-    from vo.correspondences import LearnedCorrespondences
-    from vo.inference import load_model, streaming_config_for
-    from vo.streaming import run_sequence
+    from vo.streaming.sources import LearnedCorrespondences
+    from vo.eval.trained_model import load_model, streaming_config_for
+    from vo.streaming.runner import run_sequence
 
     net, _ = load_model(args.ckpt, device)
     overrides = {"patches_per_frame": args.patches_per_frame, "edge_span": args.edge_span,
@@ -162,8 +162,8 @@ def learned_runner(args, device) -> Callable:
 def classical_runner(args, device) -> Callable:
     import cv2
 
-    from vo.classical import ClassicalVO
-    from vo.profiling import RssSampler, peak_rss_mb
+    from vo.baselines.classical import ClassicalVO
+    from vo.streaming.profiling import RssSampler, peak_rss_mb
 
     def run(seq, seed: int) -> Run:
         cv2.setRNGSeed(seed)
@@ -188,7 +188,7 @@ def classical_runner(args, device) -> Callable:
 
 # ---------------------------------------------------------------- metrics
 def trial_metrics(run: Run, gt_ts, gt_T, args) -> dict:
-    from vo import metrics
+    from vo.eval import metrics
 
     ate = metrics.ate(run.timestamps, run.T_wc, gt_ts, gt_T, align=args.align)
     rpe = metrics.rpe(run.timestamps, run.T_wc, gt_ts, gt_T, delta=args.rpe_delta, unit=args.rpe_unit,
@@ -203,8 +203,8 @@ def path_length(T_wc: np.ndarray) -> float:
 
 def evaluate_method(seq, name: str, runner: Callable, gt_ts, gt_T, folder: Path, args) -> tuple[dict, Optional[Run]]:
     """Run ``trials`` times, write the trajectories, and return (the results entry, the median trial)."""
-    from vo import metrics
-    from vo.trajectory import write_tum
+    from vo.eval import metrics
+    from vo.eval.tum_files import write_tum
 
     runs, per_trial, metrics_error = [], [], None
     for k in range(args.trials):
@@ -264,11 +264,11 @@ def safe_name(name: str) -> str:
 
 
 def plot_sequence(folder: Path, seq_name: str, chosen: dict, gt_ts, gt_T, align: str) -> Optional[Path]:
-    from vo.plots import plot_trajectories
+    from vo.eval.plots import plot_trajectories
 
     if not chosen:
         return None
-    from vo.metrics import MAX_TIME_DIFF_S
+    from vo.eval.metrics import MAX_TIME_DIFF_S
 
     estimates, ref = {}, None
     if gt_T is not None:
@@ -325,8 +325,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
-    from vo.runtime import pick_device
-    from vo.trajectory import write_tum
+    from vo.train.distributed import pick_device
+    from vo.eval.tum_files import write_tum
 
     try:
         device = pick_device(args.device)

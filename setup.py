@@ -16,6 +16,8 @@ greedy a claim on the top-level namespace).
 """
 from setuptools import setup
 
+VO_SUBPACKAGES = ("model", "train", "instrument", "streaming", "eval", "baselines")
+
 CORE = [
     "torch>=2.1",
     "pypose>=0.6",
@@ -39,7 +41,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["ba_layer", "vo", "veracity_datasets"],
+    packages=["ba_layer", "veracity_datasets"] + ["vo"] + [f"vo.{p}" for p in VO_SUBPACKAGES],
     package_dir={"veracity_datasets": "datasets"},
     install_requires=CORE,
     extras_require={

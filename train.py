@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from vo.checkpoint import latest_checkpoint
+from vo.train.checkpoint import latest_checkpoint
 from vo.config import ConfigError, load_config
-from vo.run_logger import RunLogger
-from vo.runtime import init_distributed, seed_everything, shutdown_distributed
-from vo.training import Trainer
+from vo.train.run_logger import RunLogger
+from vo.train.distributed import init_distributed, seed_everything, shutdown_distributed
+from vo.train.trainer import Trainer
 
 
 def parse_args(argv=None):

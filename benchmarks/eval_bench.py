@@ -3,14 +3,14 @@
 Runs, on one sequence (KITTI 06 frames 0-50 from ``../shared/data/kitti`` when
 present, else the first sequence of the embedded synthetic test split):
 
-* ``learned 320x240``: the streaming VO (:mod:`vo.streaming`) on images resized
+* ``learned 320x240``: the streaming VO (:mod:`vo.streaming.runner`) on images resized
   to 240 x 320 (the goal: at least 10 frames per second on 2 CPU cores), with
   the default settings (every edge re-predicted by every update, as DPVO) and
   with ``active_keyframes`` (``--active-keyframes``, default 3: an update
   re-predicts only the edges touching the newest keyframes);
 * ``learned native``: the same at the data set's own size (cropped to
   multiples of 4: KITTI's 1226 x 370 becomes 1224 x 368);
-* ``classical 320x240`` and ``classical native``: :class:`vo.classical.ClassicalVO`.
+* ``classical 320x240`` and ``classical native``: :class:`vo.baselines.classical.ClassicalVO`.
 
 The network is ``--ckpt`` (default ``weights/veracity_synthetic.pt``) or, when
 that file does not exist, a randomly initialised network of the default
@@ -69,8 +69,8 @@ def open_sequence(size):
 
 def build_network(ckpt: Path):
     from vo.config import load_config
-    from vo.inference import load_model
-    from vo.net import VONet
+    from vo.eval.trained_model import load_model
+    from vo.model.network import VONet
 
     if ckpt.is_file():
         net, _ = load_model(ckpt)
@@ -83,10 +83,10 @@ def build_network(ckpt: Path):
 
 
 def run_learned(net, seq, frames: int, overrides: dict) -> dict:
-    from vo.correspondences import LearnedCorrespondences
-    from vo.inference import streaming_config_for
-    from vo.profiling import peak_rss_mb
-    from vo.streaming import StreamingVO
+    from vo.streaming.sources import LearnedCorrespondences
+    from vo.eval.trained_model import streaming_config_for
+    from vo.streaming.profiling import peak_rss_mb
+    from vo.streaming.runner import StreamingVO
 
     config = streaming_config_for(net, **overrides)
     vo = StreamingVO(LearnedCorrespondences(net), seq.intrinsics, config)
@@ -110,8 +110,8 @@ def run_learned(net, seq, frames: int, overrides: dict) -> dict:
 
 
 def run_classical(seq, frames: int) -> dict:
-    from vo.classical import ClassicalVO
-    from vo.profiling import peak_rss_mb
+    from vo.baselines.classical import ClassicalVO
+    from vo.streaming.profiling import peak_rss_mb
 
     vo = ClassicalVO(seq.intrinsics)
     images = [seq.image(i) for i in range(frames)]

@@ -8,7 +8,7 @@ the default config (``configs/default.yaml``; overrides on the command line
 apply to both).  Per run it records
 
 * the gradient SNR (dB, ``||E[g]|| / E||g - E[g]||`` over the instrumentation's
-  window, :mod:`vo.gradstats`) of the flow-revision head and the weight head
+  window, :mod:`vo.instrument.gradstats`) of the flow-revision head and the weight head
   (their output layers' weights) every ``instrument.stats_every`` steps;
 * the validation ATE (Sim(3)-aligned, normalised units, the held-out
   synthetic clips) every ``--val-every`` steps.
@@ -52,9 +52,9 @@ sys.path.insert(0, str(REPO))
 
 from train import build_data  # noqa: E402
 from vo.config import load_config  # noqa: E402
-from vo.run_logger import RunLogger  # noqa: E402
-from vo.runtime import DistInfo, pick_device, seed_everything  # noqa: E402
-from vo.training import Trainer  # noqa: E402
+from vo.train.run_logger import RunLogger  # noqa: E402
+from vo.train.distributed import DistInfo, pick_device, seed_everything  # noqa: E402
+from vo.train.trainer import Trainer  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 OBJECTIVES = ("flow", "weighted")

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from ba_layer import lie
-from vo import metrics
-from vo.classical import (MIN_FRAMES_FOR_INIT, ClassicalVO, ClassicalVOConfig, InitialisationError,
+from vo.eval import metrics
+from vo.baselines.classical import (MIN_FRAMES_FOR_INIT, ClassicalVO, ClassicalVOConfig, InitialisationError,
                           local_bundle_adjustment, project)
 
 # ------------------------------------------------------------------ a textured box room, ray-cast in numpy

@@ -1,4 +1,4 @@
-"""The three-cause diagnostics (vo.diagnostics), the BA's predicted decrease, the training dashboard, diagnose.py."""
+"""The three-cause diagnostics (vo.instrument.causes), the BA's predicted decrease, the training dashboard, diagnose.py."""
 from __future__ import annotations
 
 import json
@@ -16,11 +16,11 @@ import torch
 from ba_layer import bundle_adjust, lie, projective
 from ba_layer.ba_problems import make_window
 from ba_layer.schur import DAMPING_FLOOR
-from vo.diagnostics import (GroundTruth, PearsonSums, interference, linearization_snr, loss_term_gradients,
+from vo.instrument.causes import (GroundTruth, PearsonSums, interference, linearization_snr, loss_term_gradients,
                             objective_values, problem_of_update, residual_dependence, target_gradients)
-from vo.gradstats import MAX_SNR_DB
-from vo.losses import edge_set_mask, ground_truth_coords, ground_truth_inverse_depth
-from vo.net import VONet
+from vo.instrument.gradstats import MAX_SNR_DB
+from vo.train.losses import edge_set_mask, ground_truth_coords, ground_truth_inverse_depth
+from vo.model.network import VONet
 
 from test_training import TINY_MODEL, TinyClips, tiny_clip
 
@@ -197,9 +197,9 @@ def test_linearization_probe_reruns_the_networks_ba_and_its_gradients_match_fini
 # ------------------------------------------------------------------ the training dashboard
 def _instrumented_trainer(tmp_path, name, enabled=True, logger=True):
     from vo.config import load_config
-    from vo.run_logger import RunLogger
-    from vo.runtime import DistInfo
-    from vo.training import Trainer
+    from vo.train.run_logger import RunLogger
+    from vo.train.distributed import DistInfo
+    from vo.train.trainer import Trainer
 
     out = tmp_path / name
     steps = 4
@@ -274,7 +274,7 @@ def test_diagnose_command_on_a_tiny_checkpoint_writes_its_report_and_plots(tiny_
                                                                            tmp_path):
     import cv2
 
-    from vo.checkpoint import atomic_save
+    from vo.train.checkpoint import atomic_save
     from vo.config import load_config
 
     cfg = load_config("default.yaml", TINY_OVERRIDES)
@@ -334,9 +334,9 @@ def test_two_rank_training_logs_every_cause(tiny_synthetic, subprocess_env, tmp_
 
 def test_instrument_config_errors_name_the_key(tmp_path):
     from vo.config import load_config
-    from vo.instrument import InstrumentConfig
-    from vo.runtime import DistInfo
-    from vo.training import Trainer
+    from vo.instrument.dashboards import InstrumentConfig
+    from vo.train.distributed import DistInfo
+    from vo.train.trainer import Trainer
 
     with pytest.raises(ValueError, match="instrument: unknown keys \\['windows'\\]"):
         InstrumentConfig.from_dict({"windows": 3})

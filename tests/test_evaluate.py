@@ -27,9 +27,9 @@ import numpy as np
 import pytest
 import torch
 
-from vo import metrics
-from vo.inference import random_checkpoint
-from vo.trajectory import read_tum
+from vo.eval import metrics
+from vo.eval.trained_model import random_checkpoint
+from vo.eval.tum_files import read_tum
 
 REPO = Path(__file__).resolve().parent.parent
 

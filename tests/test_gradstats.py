@@ -1,4 +1,4 @@
-"""Running gradient statistics (vo.gradstats): against numpy, SNR on constructed gradients, two DDP ranks."""
+"""Running gradient statistics (vo.instrument.gradstats): against numpy, SNR on constructed gradients, two DDP ranks."""
 from __future__ import annotations
 
 import json
@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from vo.gradstats import (MAX_SNR_DB, MIN_SNR_DB, STATUS_CONSTANT, STATUS_NO_GRADIENT, STATUS_OK, GradientRecorder,
+from vo.instrument.gradstats import (MAX_SNR_DB, MIN_SNR_DB, STATUS_CONSTANT, STATUS_NO_GRADIENT, STATUS_OK, GradientRecorder,
                           GradStats, snr_of_samples)
 
 SHAPES = [("a.weight", (3, 4)), ("a.bias", (5,))]
 
 
 def numpy_stats(samples: np.ndarray) -> dict:
-    """Statistics of samples (n, D) of one tensor, written out with numpy (module docstring of vo.gradstats)."""
+    """Statistics of samples (n, D) of one tensor, written out with numpy (module docstring of vo.instrument.gradstats)."""
     m = samples.mean(0)
     dev = samples - m
     noise = np.linalg.norm(dev, axis=1).mean()
@@ -144,7 +144,7 @@ WORKER = textwrap.dedent("""
     import copy, json, sys
     import torch, torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
-    from vo.gradstats import GradStats, GradientRecorder
+    from vo.instrument.gradstats import GradStats, GradientRecorder
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()

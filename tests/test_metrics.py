@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from ba_layer import lie
-from vo import metrics
-from vo.plots import FIGURE_SIZE_IN, DPI, align_positions, plot_trajectories
-from vo.trajectory import TrajectoryFileError, read_tum, write_tum
+from vo.eval import metrics
+from vo.eval.plots import FIGURE_SIZE_IN, DPI, align_positions, plot_trajectories
+from vo.eval.tum_files import TrajectoryFileError, read_tum, write_tum
 
 #: Relative agreement demanded between our wrapper and evo's command-line tools.
 CLI_REL_TOL = 1e-9

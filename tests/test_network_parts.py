@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vo.blocks import GradientClamp, SoftAggregate
-from vo.corr import CorrBlock
-from vo.graph import clip_graph
-from vo.patchify import gather_patches, patch_grid, select_centres
+from vo.model.blocks import GradientClamp, SoftAggregate
+from vo.model.correlation import CorrBlock
+from vo.model.graph import clip_graph
+from vo.model.patches import gather_patches, patch_grid, select_centres
 
 
 def naive_lookup(fmap, patch_features, coords, jj, kk, radius, level):
@@ -147,7 +147,7 @@ def test_gradient_clamp_clamps_and_keeps_nan_visible():
 
 
 def test_all_pairs_volume_equals_windowed_lookup_values_and_gradients():
-    from vo.corr import AllPairsCorrBlock
+    from vo.model.correlation import AllPairsCorrBlock
 
     R = 3
     fmap, pf, coords, jj, kk = _corr_problem(4, C=6, E=9, requires_grad=True)

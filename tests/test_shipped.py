@@ -32,7 +32,7 @@ def test_shipped_checkpoint_is_the_default_and_small():
 def shipped_and_clips():
     from train import validation_clips
     from vo.config import load_config
-    from vo.inference import load_model
+    from vo.eval.trained_model import load_model
 
     net, config = load_model(SHIPPED, device="cpu")
     cfg = load_config(REPO / "configs" / "default.yaml", ["train.val_clips=4"])
@@ -53,8 +53,8 @@ def test_shipped_checkpoint_was_trained_by_the_committed_config(shipped_and_clip
 
 
 def test_shipped_weights_beat_the_untrained_network(shipped_and_clips):
-    from vo.net import VONet
-    from vo.validation import validate
+    from vo.model.network import VONet
+    from vo.train.validation import validate
 
     net, config, cfg, clips = shipped_and_clips
     assert len(clips) == 4

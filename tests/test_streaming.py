@@ -1,4 +1,4 @@
-"""The streaming VO runner (vo/streaming.py and the files it uses).
+"""The streaming VO runner (vo/streaming/runner.py and the files it uses).
 
 * a perfect "network" (ground-truth correspondences, unit weights) on a synthetic
   sequence with exact ground truth recovers the trajectory to ATE < 1 % of the path
@@ -21,16 +21,16 @@ import torch
 import torch.nn.functional as F
 
 from ba_layer import lie
-from vo import metrics
-from vo.corr import CorrBlock
-from vo.correspondences import LearnedCorrespondences
-from vo.inference import load_model, random_checkpoint, streaming_config_for
-from vo.keyframes import flow_magnitude
-from vo.oracle import OracleCorrespondences
-from vo.pose_history import PoseHistory
-from vo.stream_corr import correlation
-from vo.streaming import NotInitialisedError, StreamingConfig, StreamingVO, run_sequence
-from vo.window import WindowProblem
+from vo.eval import metrics
+from vo.model.correlation import CorrBlock
+from vo.streaming.sources import LearnedCorrespondences
+from vo.eval.trained_model import load_model, random_checkpoint, streaming_config_for
+from vo.streaming.keyframes import flow_magnitude
+from vo.streaming.oracle import OracleCorrespondences
+from vo.streaming.pose_history import PoseHistory
+from vo.streaming.lookup import correlation
+from vo.streaming.runner import NotInitialisedError, StreamingConfig, StreamingVO, run_sequence
+from vo.streaming.window import WindowProblem
 
 SYNTHETIC_FRAMES = 60
 #: The oracle's Sim(3)-aligned ATE must be below this fraction of the path length (the issue's bound).
@@ -238,7 +238,7 @@ def _corr_inputs(h, w, E, n_frames=5, C=16, P=3, seed=0):
 
 @pytest.mark.parametrize("size", [(60, 80), (30, 40), (9, 12)])
 def test_streaming_correlation_equals_corrblock(size):
-    """Both ways of vo.stream_corr (windows of rows; whole small maps) give CorrBlock's numbers."""
+    """Both ways of vo.streaming.lookup (windows of rows; whole small maps) give CorrBlock's numbers."""
     levels, radius = (1, 4), 3
     fmap, pf, coords, jj, kk = _corr_inputs(*size, E=150)
     reference = CorrBlock(fmap, pf, radius, levels)(coords, jj, kk)

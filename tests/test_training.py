@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from ba_layer import lie
-from vo.checkpoint import atomic_save, load_checkpoint
+from vo.train.checkpoint import atomic_save, load_checkpoint
 from vo.config import load_config
-from vo.losses import LossConfig, training_loss
-from vo.net import VONet
-from vo.runtime import DistInfo
-from vo.training import Trainer
+from vo.train.losses import LossConfig, training_loss
+from vo.model.network import VONet
+from vo.train.distributed import DistInfo
+from vo.train.trainer import Trainer
 
 TINY_MODEL = dict(dim=16, feature_dim=8, encoder_width=8, patch_size=3, patches_per_frame=4, corr_radius=2,
                   corr_levels=[1, 2], gradient_bias=False, max_frame_gap=0, head_grad_clamp=0.0,
@@ -132,7 +132,7 @@ def test_checkpoint_is_never_half_written(tmp_path):
     atomic_save({"model": {"w": torch.zeros(10)}, "generation": -1}, path)
     script = textwrap.dedent(f"""
         import sys, torch
-        from vo.checkpoint import atomic_save
+        from vo.train.checkpoint import atomic_save
         big = torch.randn(2_000_000)
         g = 0
         while True:

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .extractor import FEATURE_STRIDE
+from vo.model.encoders import FEATURE_STRIDE
 
 #: Candidates drawn per kept patch when selection is gradient-biased (DPVO uses 3).
 GRADIENT_CANDIDATES_PER_PATCH = 3

@@ -1,6 +1,6 @@
-"""Correlation lookup of the streaming VO: :class:`~vo.corr.CorrBlock`'s values, computed for speed on a CPU.
+"""Correlation lookup of the streaming VO: :class:`~vo.model.correlation.CorrBlock`'s values, computed for speed on a CPU.
 
-The numbers are those of :class:`~vo.corr.CorrBlock` (``tests/test_streaming.py``
+The numbers are those of :class:`~vo.model.correlation.CorrBlock` (``tests/test_streaming.py``
 compares them): for each edge (patch ``k``, target frame ``j``) and each of the
 patch's ``P x P`` pixels, the correlation of the pixel's matching feature with
 frame ``j``'s feature map at the ``(2R+1) x (2R+1)`` positions around the
@@ -21,7 +21,7 @@ no gradient is needed):
   windows that cover most of the map anyway.
 
 In both cases the ``(2R+1)^2`` samples are drawn by ``grid_sample`` (bilinear,
-``align_corners=True``, zero padding), as in :class:`~vo.corr.CorrBlock`.
+``align_corners=True``, zero padding), as in :class:`~vo.model.correlation.CorrBlock`.
 
 The gathered windows (tens of MB at 320x240) and the raw correlations can go
 into buffers the caller keeps between calls (``workspace``, a dict the

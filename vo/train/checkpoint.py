@@ -109,7 +109,7 @@ def export_weights(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Pat
 def main(argv=None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m vo.checkpoint",
+    p = argparse.ArgumentParser(prog="python -m vo.train.checkpoint",
                                 description="Export the weights of a training checkpoint.")
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("export", help="write model weights + config only")

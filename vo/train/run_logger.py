@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .extractor import FEATURE_STRIDE
+from vo.model.encoders import FEATURE_STRIDE
 
 #: Histograms and the flow image are written every this many logging intervals.
 IMAGE_EVERY_LOG_INTERVALS = 5

@@ -31,12 +31,12 @@ from torch import nn
 from ba_layer import projective
 from ba_layer.ba import bundle_adjust
 
-from .config import dataclass_from_section
-from .corr import AllPairsCorrBlock, CorrBlock
-from .extractor import FEATURE_STRIDE, Encoder
-from .graph import PatchGraph, clip_graph
-from .patchify import gather_patches, image_gradient_score, patch_grid, select_centres
-from .update import UpdateOperator
+from vo.config import dataclass_from_section
+from vo.model.correlation import AllPairsCorrBlock, CorrBlock
+from vo.model.encoders import FEATURE_STRIDE, Encoder
+from vo.model.graph import PatchGraph, clip_graph
+from vo.model.patches import gather_patches, image_gradient_score, patch_grid, select_centres
+from vo.model.update import UpdateOperator
 
 
 #: ``corr_impl: auto`` uses the all-pairs volume when it holds at most this many numbers (4 bytes each).
@@ -57,7 +57,7 @@ class ModelConfig:
     corr_levels: tuple = (1, 4)
     gradient_bias: bool = True       # pick patch centres with strong image gradients
     max_frame_gap: int = 0           # 0: every patch to every other frame of the clip
-    head_grad_clamp: float = 0.01    # see vo.blocks.GradientClamp
+    head_grad_clamp: float = 0.01    # see vo.model.blocks.GradientClamp
     init_inverse_depth: tuple = (0.25, 1.0)   # uniform range of the initial inverse depths (normalised scene)
     detach_between_updates: bool = True        # DPVO: gradients do not chain through successive BA solutions
     corr_impl: str = "auto"          # all_pairs (volume per clip) | windowed | auto (all_pairs if it fits)

@@ -27,9 +27,9 @@ import torch
 
 from ba_layer import lie, projective
 
-from .config import dataclass_from_section
-from .extractor import FEATURE_STRIDE
-from .graph import PatchGraph
+from vo.config import dataclass_from_section
+from vo.model.encoders import FEATURE_STRIDE
+from vo.model.graph import PatchGraph
 
 #: Upper bound on the scale that aligns predicted to true translations (DPVO uses 10).
 MAX_ALIGNMENT_SCALE = 10.0
@@ -210,7 +210,7 @@ class LossConfig:
     flow_weight: float = 0.1
     pose_weight: float = 10.0
     pose_from_iter: int = 2          # the pose loss counts from this update on (DPVO: 2)
-    balancing: bool = False          # V2V's adaptive balancing (vo.balancing)
+    balancing: bool = False          # V2V's adaptive balancing (vo.train.balancing)
     balance_every: int = 20
     balance_window: int = 51
     balance_clamp: float = 10.0
@@ -242,7 +242,7 @@ class LossTerms:
 def training_loss(output, T_wc_gt: torch.Tensor, depths: torch.Tensor, depth_valid: torch.Tensor,
                   cfg: LossConfig, flow_coeff: float = 1.0, rotation_coeff: float = 1.0,
                   structure_only: bool = False) -> LossTerms:
-    """The training objective of a :class:`vo.net.VOOutput` against the clip's ground truth.
+    """The training objective of a :class:`vo.model.network.VOOutput` against the clip's ground truth.
 
     ``total = flow_coeff * flow_weight * flow + pose_weight * (translation + rotation_coeff * rotation)``
     (the pose part is left out while ``structure_only``).

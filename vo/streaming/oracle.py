@@ -21,8 +21,8 @@ import torch
 
 from ba_layer import projective
 
-from .correspondences import CorrespondenceSource, Prediction
-from .extractor import FEATURE_STRIDE
+from vo.streaming.sources import CorrespondenceSource, Prediction
+from vo.model.encoders import FEATURE_STRIDE
 
 
 class OracleCorrespondences(CorrespondenceSource):

@@ -1,6 +1,6 @@
 """Gradient-variance instrumentation of a training run (config section ``instrument``), as TensorBoard dashboards.
 
-The :class:`vo.training.Trainer` calls :meth:`Instrument.before_backward`
+The :class:`vo.train.trainer.Trainer` calls :meth:`Instrument.before_backward`
 just before the loss's backward pass and :meth:`Instrument.after_backward`
 right after it.  With ``s`` the step count after the step (TensorBoard's x
 axis, as the ``train/`` scalars):
@@ -8,7 +8,7 @@ axis, as the ``train/`` scalars):
 every step
     each rank's own gradient of every parameter tensor is recorded (by tensor
     hooks during the backward, i.e. before DDP averages them) into
-    :class:`vo.gradstats.GradStats`; the BA's gain ratios (actual / predicted
+    :class:`vo.instrument.gradstats.GradStats`; the BA's gain ratios (actual / predicted
     cost decrease) of every update are collected (cause 2).
 every ``stats_every`` steps
     the window statistics of every parameter over the last ``window`` steps
@@ -43,12 +43,12 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .config import dataclass_from_section
-from .diagnostics import (LINEARIZATION_OBJECTIVES, PearsonSums, gain_ratio_summary, gain_ratios,
+from vo.config import dataclass_from_section
+from vo.instrument.causes import (LINEARIZATION_OBJECTIVES, PearsonSums, gain_ratio_summary, gain_ratios,
                           ground_truth_of, interference, linearization_snr, loss_term_gradients,
                           problem_of_update, residual_dependence, term_contributions)
-from .gradstats import STATUS_NO_GRADIENT, GradientRecorder, GradStats
-from .runtime import step_generator
+from vo.instrument.gradstats import STATUS_NO_GRADIENT, GradientRecorder, GradStats
+from vo.train.distributed import step_generator
 
 #: The instrumentation's random stream (perturbations) is seeded from (seed + this, step, rank).
 INSTRUMENT_SEED_OFFSET = 9_191_919
@@ -142,8 +142,8 @@ class Instrument:
 
     Args:
         cfg: :class:`InstrumentConfig`.
-        model: the :class:`vo.net.VONet` (not the DDP wrapper).
-        loss_cfg: the run's :class:`vo.losses.LossConfig`.
+        model: the :class:`vo.model.network.VONet` (not the DDP wrapper).
+        loss_cfg: the run's :class:`vo.train.losses.LossConfig`.
         seed: the run's seed (for the perturbation stream).
         rank: this process's rank.
         writer: a ``SummaryWriter`` (rank 0) or None.

@@ -10,7 +10,7 @@ Estimates of a monocular VO have an arbitrary scale and origin: they are
 aligned to the reference (Umeyama, with scale for ``align="sim3"``, via
 :func:`evo.core.geometry.umeyama_alignment`) before plotting; this needs one
 estimated position per reference position (associate by timestamp first, e.g.
-with :func:`vo.metrics.associate_and_align`, or pass ``align="none"``).
+with :func:`vo.eval.metrics.associate_and_align`, or pass ``align="none"``).
 
 matplotlib is a dependency of evo and is used through its Agg canvas only (no
 pyplot state, no display needed).
@@ -24,7 +24,7 @@ from typing import Mapping, Optional
 import numpy as np
 from evo.core.geometry import GeometryException, umeyama_alignment
 
-from .trajectory import ArrayLike, as_numpy
+from vo.eval.tum_files import ArrayLike, as_numpy
 
 FIGURE_SIZE_IN = (11.0, 5.0)
 DPI = 100

@@ -14,7 +14,7 @@ Each frame gets exactly one record:
   linear camera centre).
 
 The records are 7 numbers per frame: the output trajectory.  Everything else
-of the VO lives in the fixed-size :class:`~vo.window.KeyframeWindow`.
+of the VO lives in the fixed-size :class:`~vo.streaming.window.KeyframeWindow`.
 """
 from __future__ import annotations
 

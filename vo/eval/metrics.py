@@ -26,7 +26,7 @@ from evo.core import sync as evo_sync
 from evo.core.geometry import GeometryException
 from evo.core.trajectory import PoseTrajectory3D
 
-from .trajectory import ArrayLike, check_trajectory
+from vo.eval.tum_files import ArrayLike, check_trajectory
 
 #: evo's command-line default for associating poses by timestamp (seconds).
 MAX_TIME_DIFF_S = 0.01

@@ -6,17 +6,17 @@ two objectives, ``flow`` (DPVO) and ``weighted`` (V2V), with the pose loss
 added as in training:
 
 * cause 1 -- the gradient of each loss term w.r.t. the probe layers; their
-  cosines (:func:`vo.diagnostics.interference`), and the total gradient of
+  cosines (:func:`vo.instrument.causes.interference`), and the total gradient of
   every minibatch, whose SNR across minibatches (V2V's ``evaluate_snr.py``)
   is the per-layer SNR of the objective;
 * cause 3 -- the gradient w.r.t. every update's confidence weights against
-  the BA residual of each edge (:func:`vo.diagnostics.residual_dependence`);
+  the BA residual of each edge (:func:`vo.instrument.causes.residual_dependence`);
 
 and once per clip, cause 2 -- the gain ratios of every BA call and the SNR of
 the target gradients when the BA of update ``probe_update`` starts from a
-perturbed state (:func:`vo.diagnostics.linearization_snr`; objectives flow,
+perturbed state (:func:`vo.instrument.causes.linearization_snr`; objectives flow,
 weighted and pose).  :func:`write_report` writes ``report.md``, the plots of
-:mod:`vo.diagnose_plots` and ``diagnosis.json``.
+:mod:`vo.instrument.plots` and ``diagnosis.json``.
 """
 from __future__ import annotations
 
@@ -28,12 +28,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from .diagnostics import (LINEARIZATION_OBJECTIVES, LOSS_TERMS, gain_ratio_summary, gain_ratios, ground_truth_of,
+from vo.instrument.causes import (LINEARIZATION_OBJECTIVES, LOSS_TERMS, gain_ratio_summary, gain_ratios, ground_truth_of,
                           interference, linearization_snr, loss_term_gradients, problem_of_update,
                           residual_dependence, term_contributions)
-from .gradstats import snr_of_samples
-from .losses import LossConfig, training_loss
-from .runtime import step_generator
+from vo.instrument.gradstats import snr_of_samples
+from vo.train.losses import LossConfig, training_loss
+from vo.train.distributed import step_generator
 
 #: The two training objectives compared.
 OBJECTIVES = ("flow", "weighted")
@@ -174,7 +174,7 @@ def _fmt(x: Optional[float], digits: int = 2) -> str:
 def write_report(result: dict, out_dir: Path, title: str = "Gradient-variance diagnosis",
                  source: str = "") -> Path:
     """Write ``report.md``, the PNG plots and ``diagnosis.json`` into ``out_dir``; returns the report's path."""
-    from .diagnose_plots import (draw_gain_ratios, draw_layer_snr, draw_residuals, interference_plot, panel_plot,
+    from vo.instrument.plots import (draw_gain_ratios, draw_layer_snr, draw_residuals, interference_plot, panel_plot,
                                  snr_noise_plot, summary_plot)
 
     out_dir = Path(out_dir)

@@ -24,8 +24,8 @@ Cause 3, residual dependence (:func:`residual_dependence`)
     correlation means the weight gradient is driven by the residual itself.
 
 Everything is in the network's feature-map pixels (1/4 image resolution).
-The functions here analyse one minibatch on one process; :mod:`vo.instrument`
-aggregates them over DDP ranks and steps, :mod:`vo.diagnose_report` over many
+The functions here analyse one minibatch on one process; :mod:`vo.instrument.dashboards`
+aggregates them over DDP ranks and steps, :mod:`vo.instrument.report` over many
 minibatches.
 """
 from __future__ import annotations
@@ -39,17 +39,17 @@ import torch
 from ba_layer import lie, projective
 from ba_layer.ba import MIN_INVERSE_DEPTH, bundle_adjust
 
-from .gradstats import snr_of_samples
-from .losses import (edge_set_mask, flow_objective, ground_truth_coords, ground_truth_inverse_depth,
+from vo.instrument.gradstats import snr_of_samples
+from vo.train.losses import (edge_set_mask, flow_objective, ground_truth_coords, ground_truth_inverse_depth,
                      pose_errors)
-from .patchify import patch_grid
+from vo.model.patches import patch_grid
 
 #: The loss terms of cause 1, as they enter the total loss.
 LOSS_TERMS = ("flow", "translation", "rotation")
 #: Objectives whose target gradients the linearisation analysis measures: DPVO's flow loss, V2V's
 #: weighted objective (the network's weights, detached), and the pose loss (translation + rotation).
 LINEARIZATION_OBJECTIVES = ("flow", "weighted", "pose")
-#: Keys of :class:`vo.net.BAConfig` the network passes to :func:`ba_layer.bundle_adjust` under the same name.
+#: Keys of :class:`vo.model.network.BAConfig` the network passes to :func:`ba_layer.bundle_adjust` under the same name.
 BA_CONFIG_PASSTHROUGH = ("pose_damping", "adaptive")
 #: A gain ratio below this is a poor step (the classic Levenberg-Marquardt threshold, dimensionless).
 POOR_GAIN_RATIO = 0.25
@@ -61,7 +61,7 @@ MIN_LOG_MAGNITUDE = 1e-20
 # ------------------------------------------------------------------ cause 1
 def term_contributions(terms, loss_cfg, flow_coeff: float, rotation_coeff: float,
                        structure_only: bool = False) -> dict[str, torch.Tensor]:
-    """The loss terms as they enter ``total`` (:func:`vo.losses.training_loss`), by name.
+    """The loss terms as they enter ``total`` (:func:`vo.train.losses.training_loss`), by name.
 
     ``flow``: ``flow_coeff * flow_weight * flow``; ``translation``:
     ``pose_weight * translation``; ``rotation``: ``pose_weight *
@@ -144,7 +144,7 @@ def gain_ratio_summary(ratios: torch.Tensor) -> dict[str, float]:
 # ------------------------------------------------------------------ cause 2: linearisation SNR
 @dataclass
 class BAProblemOfUpdate:
-    """The BA problem one update of :class:`vo.net.VONet` posed (everything detached).
+    """The BA problem one update of :class:`vo.model.network.VONet` posed (everything detached).
 
     Attributes:
         T_wc: (B, N, 7) camera-to-world poses the BA started from.
@@ -180,9 +180,9 @@ class BAProblemOfUpdate:
 
 
 def problem_of_update(output, update: int, ba_cfg, patch_size: int) -> BAProblemOfUpdate:
-    """The BA problem of update ``update`` of a :class:`vo.net.VOOutput` (not the first: its start is not kept).
+    """The BA problem of update ``update`` of a :class:`vo.model.network.VOOutput` (not the first: its start is not kept).
 
-    ``ba_cfg``: the network's :class:`vo.net.BAConfig`.  Full mode with
+    ``ba_cfg``: the network's :class:`vo.model.network.BAConfig`.  Full mode with
     ``ba_cfg.fixed_poses`` fixed poses (the network's setting outside the
     structure-only phase).
     """
@@ -219,7 +219,7 @@ class GroundTruth:
 
 def ground_truth_of(output, T_wc_gt: torch.Tensor, depths: torch.Tensor, depth_valid: torch.Tensor,
                     edge_set: str, detach_alignment_scale: bool = True) -> GroundTruth:
-    """True reprojections of a :class:`vo.net.VOOutput`'s patches from the clip's true poses and depths.
+    """True reprojections of a :class:`vo.model.network.VOOutput`'s patches from the clip's true poses and depths.
 
     T_wc_gt: (B, N, 7); depths, depth_valid: (B, N, H, W); ``edge_set`` and
     ``detach_alignment_scale`` as in the ``loss`` config section.
@@ -236,9 +236,9 @@ def objective_values(problem: BAProblemOfUpdate, truth: GroundTruth, T_wc: torch
                      inverse_depth: torch.Tensor, objectives: Sequence[str]) -> dict[str, torch.Tensor]:
     """The objectives (:data:`LINEARIZATION_OBJECTIVES`) of one update's BA output, as scalars.
 
-    ``flow``/``weighted``: :func:`vo.losses.flow_objective` without / with the
+    ``flow``/``weighted``: :func:`vo.train.losses.flow_objective` without / with the
     (detached) weights; ``pose``: mean translation + mean rotation error of
-    :func:`vo.losses.pose_errors`.
+    :func:`vo.train.losses.pose_errors`.
     """
     unknown = set(objectives) - set(LINEARIZATION_OBJECTIVES)
     if unknown:

@@ -1,4 +1,4 @@
-"""Settings of the streaming VO (:mod:`vo.streaming`) and its initialisation error."""
+"""Settings of the streaming VO (:mod:`vo.streaming.runner`) and its initialisation error."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass

@@ -19,7 +19,7 @@ import torch
 
 from ba_layer import lie, projective
 
-from .window import WindowProblem
+from vo.streaming.window import WindowProblem
 
 
 def flow_magnitude(problem: WindowProblem, beta: float) -> torch.Tensor:
@@ -29,7 +29,7 @@ def flow_magnitude(problem: WindowProblem, beta: float) -> torch.Tensor:
     edges whose reprojection is invalid (behind a camera, non-positive depth) count as 0.
 
     Args:
-        problem: frames, patches and the edges ``ii -> jj`` to measure (:class:`~vo.window.WindowProblem`).
+        problem: frames, patches and the edges ``ii -> jj`` to measure (:class:`~vo.streaming.window.WindowProblem`).
         beta: weight of the full flow, in [0, 1].
     """
     if not 0.0 <= beta <= 1.0:

@@ -10,9 +10,9 @@ drops it with the edge).
 
 * :class:`LearnedCorrespondences`: the trained network: the encoders once per
   frame (feature maps and patch features in slot buffers), the correlation
-  lookup (:mod:`vo.stream_corr`: :class:`~vo.corr.CorrBlock`'s values, computed
+  lookup (:mod:`vo.streaming.lookup`: :class:`~vo.model.correlation.CorrBlock`'s values, computed
   on the stored maps without copying them) and the recurrent update operator.
-* :class:`~vo.oracle.OracleCorrespondences`: ground-truth correspondences
+* :class:`~vo.streaming.oracle.OracleCorrespondences`: ground-truth correspondences
   ("a perfect network"), for testing the runner and the BA.
 """
 from __future__ import annotations
@@ -24,11 +24,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .graph import PatchGraph
-from .patchify import gather_patches
-from .profiling import StageTimer
-from .stream_corr import correlation
-from .window import WindowProblem
+from vo.model.graph import PatchGraph
+from vo.model.patches import gather_patches
+from vo.streaming.profiling import StageTimer
+from vo.streaming.lookup import correlation
+from vo.streaming.window import WindowProblem
 
 
 @dataclass
@@ -47,7 +47,7 @@ class CorrespondenceSource(ABC):
     Attributes:
         patch_size: ``P`` of the patches.  patches_per_frame: the default ``p``.
         state_dim: hidden-state numbers per edge (0: none).
-        timer: a :class:`~vo.profiling.StageTimer` the runner sets; stages ``encoder``,
+        timer: a :class:`~vo.streaming.profiling.StageTimer` the runner sets; stages ``encoder``,
             ``correlation``, ``update``.
     """
 
@@ -92,7 +92,7 @@ class LearnedCorrespondences(CorrespondenceSource):
     """The network's encoders, correlation lookup and update operator, frame by frame.
 
     Args:
-        net: a :class:`~vo.net.VONet` (put in eval mode; its weights are not changed).
+        net: a :class:`~vo.model.network.VONet` (put in eval mode; its weights are not changed).
     """
 
     def __init__(self, net):
@@ -111,7 +111,7 @@ class LearnedCorrespondences(CorrespondenceSource):
         c = self.net.cfg
         h, w = feature_size
         kw = {"device": device, "dtype": dtype}
-        # maps stored as rows (slot, y, x) of channels, plus a zero row (vo.stream_corr)
+        # maps stored as rows (slot, y, x) of channels, plus a zero row (vo.streaming.lookup)
         self.sizes = [(h // s, w // s) for s in self.levels]
         self.pyramid = [torch.zeros(capacity * hl * wl + 1, c.feature_dim, **kw) for hl, wl in self.sizes]
         P = self.patch_size

@@ -19,14 +19,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .balancing import AdaptiveBalancer
-from .checkpoint import CHECKPOINT_VERSION, atomic_save, load_checkpoint, rng_state, set_rng_state
-from .config import Config, dataclass_from_section, save_config
-from .instrument import Instrument
-from .losses import LossConfig, training_loss
-from .net import VONet
-from .runtime import DistInfo, step_generator
-from .validation import validate
+from vo.train.balancing import AdaptiveBalancer
+from vo.train.checkpoint import CHECKPOINT_VERSION, atomic_save, load_checkpoint, rng_state, set_rng_state
+from vo.config import Config, dataclass_from_section, save_config
+from vo.instrument.dashboards import Instrument
+from vo.train.losses import LossConfig, training_loss
+from vo.model.network import VONet
+from vo.train.distributed import DistInfo, step_generator
+from vo.train.validation import validate
 
 
 @dataclass
@@ -111,7 +111,7 @@ class Trainer:
         self.skipped_steps = 0
         self.history: list[dict] = []
         self.hooks: list[Callable] = []     # called as hook(trainer, step_record) after each step
-        # --- gradient-variance instrumentation (vo.instrument; None when the config disables it) ---
+        # --- gradient-variance instrumentation (vo.instrument.dashboards; None when the config disables it) ---
         self.instrument = Instrument.for_trainer(self)
 
     # ------------------------------------------------------------------ state
@@ -185,7 +185,7 @@ class Trainer:
             record.update(self.balancer.update(
                 lc.flow_weight * terms.flow, terms.translation, terms.rotation,
                 lc.pose_weight * (terms.translation + self.balancer.rotation_coeff * terms.rotation), probe))
-        # --- instrumentation (vo.instrument): probes before the backward, gradient sample after it ---
+        # --- instrumentation (vo.instrument.dashboards): probes before the backward, gradient sample after it ---
         if self.instrument is not None:
             self.instrument.before_backward(self, step, output, terms, batch, structure_only)
         self.scaler.scale(terms.total).backward()

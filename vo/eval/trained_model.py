@@ -1,8 +1,8 @@
-"""A trained model for inference: load a checkpoint into a :class:`~vo.net.VONet` and the streaming settings.
+"""A trained model for inference: load a checkpoint into a :class:`~vo.model.network.VONet` and the streaming settings.
 
 A checkpoint is a dict with ``"model"`` (the state dict) and ``"config"`` (the
 run's fully resolved config, whose ``model`` and ``ba`` sections build the
-network), as :class:`~vo.training.Trainer` and :func:`~vo.checkpoint.atomic_save` write it.
+network), as :class:`~vo.train.trainer.Trainer` and :func:`~vo.train.checkpoint.atomic_save` write it.
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import load_checkpoint
-from .net import VONet
-from .streaming import StreamingConfig
+from vo.train.checkpoint import load_checkpoint
+from vo.model.network import VONet
+from vo.streaming.runner import StreamingConfig
 
 #: How to make a checkpoint, for error messages.
 HOW_TO_TRAIN = ("train one with `python train.py` (it writes <run.out_dir>/checkpoints/last.pt, by default "
@@ -75,7 +75,7 @@ def random_checkpoint(path: str | os.PathLike, model: Optional[dict] = None, ba:
 
     ``model`` / ``ba``: config sections (defaults: the network's defaults).
     """
-    from .checkpoint import atomic_save
+    from vo.train.checkpoint import atomic_save
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -32,7 +32,7 @@ Per new frame (DPVO's scheme, :class:`StreamingVO.track`):
    and pose damping by default); with ``ba_adaptive`` its Levenberg-Marquardt
    damping carries over from one update to the next
    (:meth:`StreamingVO._carry_damping`);
-6. remove a redundant keyframe (:mod:`vo.keyframes`: mean flow between the
+6. remove a redundant keyframe (:mod:`vo.streaming.keyframes`: mean flow between the
    neighbours of the keyframe ``keyframe_index`` back below
    ``keyframe_flow_px`` image pixels); its pose is kept relative to the
    keyframe before it and composed at the end;
@@ -42,7 +42,7 @@ Per new frame (DPVO's scheme, :class:`StreamingVO.track`):
 So the window holds at most ``removal_window + 1`` frames, ``(removal_window + 1) p``
 patches and a bounded number of edges (:meth:`StreamingConfig.max_edges`):
 memory is constant in the length of the sequence (the output trajectory, 7
-numbers per frame, aside).  Every frame gets a pose (:mod:`vo.pose_history`).
+numbers per frame, aside).  Every frame gets a pose (:mod:`vo.streaming.pose_history`).
 
 Timing: per stage (``encoder``, ``correlation``, ``update``, ``ba``,
 ``keyframes`` (redundancy test and removal), ``other`` (patch selection,
@@ -62,14 +62,14 @@ import torch
 from ba_layer import lie, projective
 from ba_layer.ba import LM_DECREASE_FACTOR, LM_INCREASE_FACTOR, MAX_DAMPING, bundle_adjust
 
-from .correspondences import CorrespondenceSource
-from .extractor import FEATURE_STRIDE
-from .keyframes import flow_magnitude
-from .patchify import image_gradient_score, select_centres
-from .pose_history import PoseHistory
-from .profiling import MIB, RssSampler, StageTimer, peak_rss_mb
-from .streaming_config import NotInitialisedError, StreamingConfig
-from .window import KeyframeWindow
+from vo.streaming.sources import CorrespondenceSource
+from vo.model.encoders import FEATURE_STRIDE
+from vo.streaming.keyframes import flow_magnitude
+from vo.model.patches import image_gradient_score, select_centres
+from vo.streaming.pose_history import PoseHistory
+from vo.streaming.profiling import MIB, RssSampler, StageTimer, peak_rss_mb
+from vo.streaming.settings import NotInitialisedError, StreamingConfig
+from vo.streaming.window import KeyframeWindow
 
 #: Slots of the window beyond ``removal_window``: the new frame, before the oldest leaves.
 EXTRA_SLOTS = 2
@@ -81,8 +81,8 @@ class StreamingVO:
     """Streaming monocular VO on a sliding window of keyframes; call :meth:`track` per frame, then :meth:`poses`.
 
     Args:
-        source: where targets and weights come from (:class:`~vo.correspondences.LearnedCorrespondences`
-            or :class:`~vo.oracle.OracleCorrespondences`).
+        source: where targets and weights come from (:class:`~vo.streaming.sources.LearnedCorrespondences`
+            or :class:`~vo.streaming.oracle.OracleCorrespondences`).
         intrinsics: (4,) ``[fx fy cx cy]`` of the images given to :meth:`track` (pixels).
         config: :class:`StreamingConfig` (defaults if None).
         device: where everything runs (default CPU).  dtype: of poses, depths and features.

@@ -34,8 +34,8 @@ import torch
 
 from ba_layer import lie
 
-from .graph import PatchGraph, build_graph_from_edges
-from .patchify import patch_grid
+from vo.model.graph import PatchGraph, build_graph_from_edges
+from vo.model.patches import patch_grid
 
 
 @dataclass

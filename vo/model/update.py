@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .blocks import GatedResidual, GradientClamp, SoftAggregate
-from .graph import PatchGraph
+from vo.model.blocks import GatedResidual, GradientClamp, SoftAggregate
+from vo.model.graph import PatchGraph
 
 #: LayerNorm epsilon of the update operator (as DPVO).
 LAYER_NORM_EPS = 1e-3

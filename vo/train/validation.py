@@ -13,7 +13,7 @@ import torch
 
 from ba_layer import umeyama
 
-from .runtime import step_generator
+from vo.train.distributed import step_generator
 
 #: Validation randomness (patch selection) is fixed across the run: this offsets its seed.
 VALIDATION_SEED_OFFSET = 7_777_777

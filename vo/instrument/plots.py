@@ -1,6 +1,6 @@
-"""The plots of the diagnosis report (:mod:`vo.diagnose_report`), as PNG files.
+"""The plots of the diagnosis report (:mod:`vo.instrument.report`), as PNG files.
 
-Each function takes the result dict of :func:`vo.diagnose_report.diagnose`
+Each function takes the result dict of :func:`vo.instrument.report.diagnose`
 and a path, draws on matplotlib's Agg canvas (no pyplot state, no display)
 and returns the path written.  Axes with nothing defined to draw say so in
 the panel instead of drawing zeros.
