@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from vo.config import ConfigError, load_config, save_config
+from vo.config import (CONFIG_DIR, ConfigError, build_sections, check_defaults, load_config, save_config,
+                       section_classes)
+from vo.config import main as config_main
 
 
 @pytest.fixture
@@ -92,3 +94,36 @@ def test_shipped_configs_load():
     default = load_config("default.yaml")
     gpu = load_config("tartanair.yaml")
     assert set(default) == set(gpu)
+
+
+SHIPPED_CONFIGS = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SHIPPED_CONFIGS)
+def test_every_config_builds_every_section_with_one_default_per_key(name):
+    """One source of defaults: the root of each config's chain and the settings dataclasses agree on every key."""
+    assert check_defaults(name) == []
+    sections = build_sections(load_config(name))
+    assert set(sections) == set(section_classes())
+
+
+def test_check_defaults_finds_a_second_default_and_a_missing_key(tmp_path):
+    root = yaml.safe_load((CONFIG_DIR / "default.yaml").read_text())
+    root["loss"]["flow_weight"] = 0.1 if root["loss"]["flow_weight"] != 0.1 else 0.2
+    del root["train"]["lr"]
+    root["model"]["mystery"] = 3
+    (tmp_path / "root.yaml").write_text(yaml.safe_dump(root))
+    (tmp_path / "child.yaml").write_text("base: root.yaml\n")
+    problems = check_defaults(tmp_path / "child.yaml")
+    assert len(problems) == 3
+    assert any(p.startswith("loss.flow_weight: default") for p in problems)
+    assert any(p.startswith("train.lr: in the dataclasses") for p in problems)
+    assert any(p.startswith("model.mystery: in root.yaml") for p in problems)
+
+
+def test_config_cli_prints_every_key(capsys):
+    assert config_main(["tartanair.yaml", "train.lr=1e-4"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["lr"] == 1e-4 and printed["model"]["dim"] == 384
+    assert config_main(["train.nope=1"]) == 2
+    assert "unknown key 'train.nope'" in capsys.readouterr().err

@@ -15,14 +15,27 @@ as YAML and then checked against the base value's type.
 
 Errors (:class:`ConfigError`) name the file or override, the key, and list the
 valid keys or the expected type.
+
+One source of defaults
+----------------------
+Every section of Veracity's configs is a settings dataclass (:func:`section_classes`: ``run`` and ``data``
+here, ``model``/``ba`` in :mod:`vo.model.network`, ``loss`` in :mod:`vo.train.losses`, ``train`` in
+:mod:`vo.train.trainer`, ``instrument`` in :mod:`vo.instrument.dashboards`); its field defaults are the
+defaults.  ``configs/default.yaml`` is the root of every shipped config and lists every key with a comment;
+:func:`schema_defaults` is the dataclasses' view of the same tree, and :func:`check_defaults` (run by
+``tests/test_config.py`` on every file in ``configs/``) fails where a key is missing from either side or
+has two different defaults.  ``python -m vo.config [FILE] [key=value ...]`` prints a resolved config.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
+import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
 import yaml
 
@@ -78,6 +91,100 @@ def dataclass_from_section(cls, values: Mapping, section: str, tuples: tuple = (
         if key in kw:
             kw[key] = tuple(kw[key])
     return cls(**kw)
+
+
+@dataclass
+class RunConfig:
+    """Config section ``run``: where a run writes and on which device it runs."""
+
+    out_dir: str = "runs/default"    # checkpoints/, tensorboard/, config.yaml
+    device: str = "auto"             # auto (CUDA when present) | cpu | cuda[:N]
+    dump_rank_state: bool = False    # each rank also writes rank<r>_model.pt (used to check DDP)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "RunConfig":
+        return dataclass_from_section(cls, d, "run")
+
+
+@dataclass
+class DataConfig:
+    """Config section ``data``: the training and validation clips (read by ``train.py``)."""
+
+    root: Optional[str] = None       # training data root; null: the embedded synthetic data (generated if missing)
+    val_root: Optional[str] = None   # held-out sequences; null with root null: the synthetic test split
+    n_frames: int = 7                # frames per training clip
+    image_size: tuple = (120, 160)   # (height, width) fed to the network; multiples of 4
+    min_flow_px: float = 4.0         # clip selection: mean ground-truth flow between consecutive clip frames,
+    max_flow_px: float = 24.0        # in native pixels (DPVO: 8-96 at 640 px wide; the synthetic data is 160 wide)
+    augment: bool = True
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "DataConfig":
+        return dataclass_from_section(cls, d, "data", tuples=("image_size",))
+
+
+#: Top-level keys that are not sections, with their defaults.
+TOP_LEVEL_DEFAULTS = {"seed": 0}
+
+
+def section_classes() -> dict:
+    """Section name -> its settings dataclass (each has ``from_dict``), in the order of ``default.yaml``."""
+    from vo.instrument.dashboards import InstrumentConfig
+    from vo.model.network import BAConfig, ModelConfig
+    from vo.train.losses import LossConfig
+    from vo.train.trainer import TrainConfig
+
+    return {"run": RunConfig, "data": DataConfig, "model": ModelConfig, "ba": BAConfig, "loss": LossConfig,
+            "train": TrainConfig, "instrument": InstrumentConfig}
+
+
+def _yaml_value(x):
+    return [_yaml_value(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def schema_defaults() -> dict:
+    """The config tree the dataclasses define: every section's fields and defaults (tuples as lists)."""
+    tree = dict(TOP_LEVEL_DEFAULTS)
+    for name, cls in section_classes().items():
+        tree[name] = {f.name: _yaml_value(getattr(cls(), f.name)) for f in dataclasses.fields(cls)}
+    return tree
+
+
+def build_sections(cfg: Mapping) -> dict:
+    """Every section of ``cfg`` built into its dataclass (raises what ``from_dict`` raises on a bad value)."""
+    return {name: cls.from_dict(cfg[name]) for name, cls in section_classes().items()}
+
+
+def check_defaults(path: str | os.PathLike = "default.yaml") -> list[str]:
+    """Where the root of ``path``'s chain disagrees with the dataclass defaults: one line per key.
+
+    A key missing on either side, or with two different defaults, is a problem; ``[]`` when they agree.
+    """
+    chain_root = resolve_path(path).resolve()
+    while True:
+        base = _read_yaml(chain_root).get(BASE_KEY)
+        if base is None:
+            break
+        chain_root = (chain_root.parent / base).resolve()
+    root = _read_yaml(chain_root)
+    schema = schema_defaults()
+    problems = []
+
+    def walk(a: Mapping, b: Mapping, prefix: str) -> None:
+        for key in sorted(set(a) | set(b)):
+            name = prefix + key
+            if key not in b:
+                problems.append(f"{name}: in the dataclasses (default {a[key]!r}) but not in {chain_root.name}")
+            elif key not in a:
+                problems.append(f"{name}: in {chain_root.name} ({b[key]!r}) but in no dataclass")
+            elif isinstance(a[key], Mapping) and isinstance(b[key], Mapping):
+                walk(a[key], b[key], name + ".")
+            elif a[key] != b[key] or type(a[key]) is not type(b[key]) and not (
+                    isinstance(a[key], float) and isinstance(b[key], int)):
+                problems.append(f"{name}: default {a[key]!r} in the dataclass, {b[key]!r} in {chain_root}")
+
+    walk(schema, root, "")
+    return problems
 
 
 def resolve_path(path: str | os.PathLike) -> Path:
@@ -239,3 +346,21 @@ def save_config(cfg: Mapping, path: str | os.PathLike) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m vo.config [FILE] [key=value ...]``: print the resolved config (every key)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path = argv.pop(0) if argv and "=" not in argv[0] else "default.yaml"
+    try:
+        cfg = load_config(path, argv)
+        build_sections(cfg)
+    except (ConfigError, ValueError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write(dump_config(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -207,7 +207,7 @@ class LossConfig:
 
     objective: str = "flow"          # flow | weighted
     edge_set: str = "dpvo"           # dpvo | all
-    flow_weight: float = 0.1
+    flow_weight: float = 1.0         # CPU default: a heavier flow term learns matching sooner (DPVO: 0.1)
     pose_weight: float = 10.0
     pose_from_iter: int = 2          # the pose loss counts from this update on (DPVO: 2)
     balancing: bool = False          # V2V's adaptive balancing (vo.train.balancing)

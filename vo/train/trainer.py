@@ -33,12 +33,12 @@ from vo.train.validation import validate
 class TrainConfig:
     """Config section ``train``."""
 
-    steps: int = 1000
+    steps: int = 450
     batch_size: int = 1
-    lr: float = 8e-5
+    lr: float = 5e-4
     weight_decay: float = 1e-6
     clip_grad: float = 10.0
-    pct_start: float = 0.01          # OneCycle warm-up fraction
+    pct_start: float = 0.05          # OneCycle warm-up fraction
     amp: bool = False                # mixed precision, CUDA only
     iters: int = 8                   # updates per clip
     structure_only_steps: int = 0    # poses fixed to the truth for the first steps (DPVO: 1000)
