@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from vo.train.checkpoint import load_checkpoint
 from vo.config import ConfigError, load_config
-from vo.instrument.report import DiagnoseSettings, diagnose, write_report
 from vo.instrument.dashboards import InstrumentConfig
-from vo.train.losses import LossConfig
+from vo.instrument.report import DiagnoseSettings, diagnose, write_report
 from vo.model.network import VONet
+from vo.train.checkpoint import load_checkpoint
 from vo.train.distributed import pick_device, seed_everything
+from vo.train.losses import LossConfig
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = REPO / "weights" / "veracity_synthetic.pt"

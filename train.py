@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from vo.train.checkpoint import latest_checkpoint
 from vo.config import ConfigError, load_config
-from vo.train.run_logger import RunLogger
+from vo.train.checkpoint import latest_checkpoint
 from vo.train.distributed import init_distributed, seed_everything, shutdown_distributed
+from vo.train.run_logger import RunLogger
 from vo.train.trainer import Trainer
 
 

@@ -190,6 +190,7 @@ WORKER = textwrap.dedent("""
                                  "variance": s.variance.flatten().tolist(), "noise": s.noise, "snr": s.snr,
                                  "mean_norm": s.mean_norm, "total_variance": s.total_variance}
                              for n, s in out.items()}}, open(sys.argv[1], "w"))
+    dist.barrier()                      # leave together (vo.train.distributed.shutdown_distributed)
     dist.destroy_process_group()
 """)
 

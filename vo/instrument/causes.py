@@ -38,11 +38,9 @@ import torch
 
 from ba_layer import lie, projective
 from ba_layer.ba import MIN_INVERSE_DEPTH, bundle_adjust
-
 from vo.instrument.gradstats import snr_of_samples
-from vo.train.losses import (edge_set_mask, flow_objective, ground_truth_coords, ground_truth_inverse_depth,
-                     pose_errors)
 from vo.model.patches import patch_grid
+from vo.train.losses import edge_set_mask, flow_objective, ground_truth_coords, ground_truth_inverse_depth, pose_errors
 
 #: The loss terms of cause 1, as they enter the total loss.
 LOSS_TERMS = ("flow", "translation", "rotation")
@@ -180,7 +178,8 @@ class BAProblemOfUpdate:
 
 
 def problem_of_update(output, update: int, ba_cfg, patch_size: int) -> BAProblemOfUpdate:
-    """The BA problem of update ``update`` of a :class:`vo.model.network.VOOutput` (not the first: its start is not kept).
+    """The BA problem of update ``update`` of a :class:`~vo.model.network.VOOutput` (not the first: its start is
+    not kept).
 
     ``ba_cfg``: the network's :class:`vo.model.network.BAConfig`.  Full mode with
     ``ba_cfg.fixed_poses`` fixed poses (the network's setting outside the

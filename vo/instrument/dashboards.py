@@ -44,9 +44,19 @@ import torch
 import torch.distributed as dist
 
 from vo.config import dataclass_from_section
-from vo.instrument.causes import (LINEARIZATION_OBJECTIVES, PearsonSums, gain_ratio_summary, gain_ratios,
-                          ground_truth_of, interference, linearization_snr, loss_term_gradients,
-                          problem_of_update, residual_dependence, term_contributions)
+from vo.instrument.causes import (
+    LINEARIZATION_OBJECTIVES,
+    PearsonSums,
+    gain_ratio_summary,
+    gain_ratios,
+    ground_truth_of,
+    interference,
+    linearization_snr,
+    loss_term_gradients,
+    problem_of_update,
+    residual_dependence,
+    term_contributions,
+)
 from vo.instrument.gradstats import STATUS_NO_GRADIENT, GradientRecorder, GradStats
 from vo.train.distributed import step_generator
 

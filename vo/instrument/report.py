@@ -28,12 +28,22 @@ from typing import Optional, Sequence
 
 import torch
 
-from vo.instrument.causes import (LINEARIZATION_OBJECTIVES, LOSS_TERMS, gain_ratio_summary, gain_ratios, ground_truth_of,
-                          interference, linearization_snr, loss_term_gradients, problem_of_update,
-                          residual_dependence, term_contributions)
+from vo.instrument.causes import (
+    LINEARIZATION_OBJECTIVES,
+    LOSS_TERMS,
+    gain_ratio_summary,
+    gain_ratios,
+    ground_truth_of,
+    interference,
+    linearization_snr,
+    loss_term_gradients,
+    problem_of_update,
+    residual_dependence,
+    term_contributions,
+)
 from vo.instrument.gradstats import snr_of_samples
-from vo.train.losses import LossConfig, training_loss
 from vo.train.distributed import step_generator
+from vo.train.losses import LossConfig, training_loss
 
 #: The two training objectives compared.
 OBJECTIVES = ("flow", "weighted")
@@ -174,8 +184,15 @@ def _fmt(x: Optional[float], digits: int = 2) -> str:
 def write_report(result: dict, out_dir: Path, title: str = "Gradient-variance diagnosis",
                  source: str = "") -> Path:
     """Write ``report.md``, the PNG plots and ``diagnosis.json`` into ``out_dir``; returns the report's path."""
-    from vo.instrument.plots import (draw_gain_ratios, draw_layer_snr, draw_residuals, interference_plot, panel_plot,
-                                 snr_noise_plot, summary_plot)
+    from vo.instrument.plots import (
+        draw_gain_ratios,
+        draw_layer_snr,
+        draw_residuals,
+        interference_plot,
+        panel_plot,
+        snr_noise_plot,
+        summary_plot,
+    )
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -30,14 +30,12 @@ from torch import nn
 
 from ba_layer import projective
 from ba_layer.ba import bundle_adjust
-
 from vo.config import dataclass_from_section
 from vo.model.correlation import AllPairsCorrBlock, CorrBlock
 from vo.model.encoders import FEATURE_STRIDE, Encoder
 from vo.model.graph import PatchGraph, clip_graph
 from vo.model.patches import gather_patches, image_gradient_score, patch_grid, select_centres
 from vo.model.update import UpdateOperator
-
 
 #: ``corr_impl: auto`` uses the all-pairs volume when it holds at most this many numbers (4 bytes each).
 ALL_PAIRS_MAX_ENTRIES = 64_000_000

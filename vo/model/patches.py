@@ -8,7 +8,6 @@ context vector (for the update operator) and its pixel grid ``(u, v, d)``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -18,24 +17,6 @@ from vo.model.encoders import FEATURE_STRIDE
 
 #: Candidates drawn per kept patch when selection is gradient-biased (DPVO uses 3).
 GRADIENT_CANDIDATES_PER_PATCH = 3
-
-
-@dataclass
-class Patches:
-    """Patches of a clip (M = N frames x p patches per frame).
-
-    Attributes:
-        grid: (B, M, 3, P, P) per pixel ``(u, v, inverse_depth)`` in feature-map
-            pixels of the source frame; inverse depth set to ``initial_inverse_depth``.
-        frame: (M,) long, the source frame of each patch (``ii`` of its edges).
-        features: (B, M, C, P, P) matching features around the centre.
-        context: (B, M, D) context vector at the centre.
-    """
-
-    grid: torch.Tensor
-    frame: torch.Tensor
-    features: torch.Tensor
-    context: torch.Tensor
 
 
 def image_gradient_score(images: torch.Tensor) -> torch.Tensor:

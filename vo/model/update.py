@@ -46,8 +46,9 @@ class UpdateOperator(nn.Module):
         self.next_message = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim))
         self.aggregate_patch = SoftAggregate(dim)
         self.aggregate_frame_pair = SoftAggregate(dim)
-        self.gru = nn.Sequential(nn.LayerNorm(dim, eps=LAYER_NORM_EPS), GatedResidual(dim),
-                                 nn.LayerNorm(dim, eps=LAYER_NORM_EPS), GatedResidual(dim))
+        # two gated residual blocks refine the state (DPVO calls its equivalent ``gru``; it is not a GRU)
+        self.refine = nn.Sequential(nn.LayerNorm(dim, eps=LAYER_NORM_EPS), GatedResidual(dim),
+                                    nn.LayerNorm(dim, eps=LAYER_NORM_EPS), GatedResidual(dim))
         self.flow_head = nn.Sequential(nn.ReLU(), nn.Linear(dim, 2), GradientClamp(head_grad_clamp))
         self.weight_head = nn.Sequential(nn.ReLU(), nn.Linear(dim, 2), GradientClamp(head_grad_clamp), nn.Sigmoid())
 
@@ -59,8 +60,14 @@ class UpdateOperator(nn.Module):
         h = h + self.next_message(_neighbour(h, graph.next_edge))
         h = h + self.aggregate_patch(h, graph.kk, graph.n_patches)
         h = h + self.aggregate_frame_pair(h, graph.frame_pair, graph.n_frame_pairs)
-        h = self.gru(h)
+        h = self.refine(h)
         return UpdateOutput(hidden=h, delta=self.flow_head(h), weights=self.weight_head(h))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before the rename call the refinement blocks ``gru``
+        for key in [k for k in state_dict if k.startswith(prefix + "gru.")]:
+            state_dict[prefix + "refine." + key[len(prefix + "gru."):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def probe_layers(self) -> dict[str, nn.Parameter]:
@@ -68,7 +75,7 @@ class UpdateOperator(nn.Module):
         return {
             "flow_head": self.flow_head[1].weight,
             "weight_head": self.weight_head[1].weight,
-            "recurrent": self.gru[3].res[0].weight,
+            "recurrent": self.refine[3].res[0].weight,
         }
 
 

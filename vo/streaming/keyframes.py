@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 
 from ba_layer import lie, projective
-
 from vo.streaming.window import WindowProblem
 
 

@@ -20,9 +20,8 @@ from typing import Callable
 import torch
 
 from ba_layer import projective
-
-from vo.streaming.sources import CorrespondenceSource, Prediction
 from vo.model.encoders import FEATURE_STRIDE
+from vo.streaming.sources import CorrespondenceSource, Prediction
 
 
 class OracleCorrespondences(CorrespondenceSource):

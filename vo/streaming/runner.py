@@ -61,14 +61,13 @@ import torch
 
 from ba_layer import lie, projective
 from ba_layer.ba import LM_DECREASE_FACTOR, LM_INCREASE_FACTOR, MAX_DAMPING, bundle_adjust
-
-from vo.streaming.sources import CorrespondenceSource
 from vo.model.encoders import FEATURE_STRIDE
-from vo.streaming.keyframes import flow_magnitude
 from vo.model.patches import image_gradient_score, select_centres
+from vo.streaming.keyframes import flow_magnitude
 from vo.streaming.pose_history import PoseHistory
 from vo.streaming.profiling import MIB, RssSampler, StageTimer, peak_rss_mb
 from vo.streaming.settings import NotInitialisedError, StreamingConfig
+from vo.streaming.sources import CorrespondenceSource
 from vo.streaming.window import KeyframeWindow
 
 #: Slots of the window beyond ``removal_window``: the new frame, before the oldest leaves.

@@ -33,7 +33,6 @@ from typing import Optional
 import torch
 
 from ba_layer import lie
-
 from vo.model.graph import PatchGraph, build_graph_from_edges
 from vo.model.patches import patch_grid
 

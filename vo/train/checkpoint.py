@@ -3,7 +3,8 @@
 A checkpoint holds everything a run needs to continue exactly as if it had
 never stopped: model, optimiser, scheduler, the loss balancing state, the
 step, and every random-number generator's state (Python, numpy, torch CPU and
-CUDA, and the data loader's generator).  It is written to a temporary file in
+CUDA).  The data loader keeps no state: the clip of a step and everything
+random in it are functions of ``(seed, step, rank)``.  It is written to a temporary file in
 the same folder, flushed to disk, then renamed over the target: a reader
 never sees a half-written file, whatever happens during the save.
 """
@@ -55,23 +56,22 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-def rng_state(loader_generator: Optional[torch.Generator] = None) -> dict:
+def rng_state() -> dict:
+    """Every global random stream's state: Python, numpy, torch CPU and (where present) every CUDA device."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    if loader_generator is not None:
-        state["loader"] = loader_generator.get_state()
     return state
 
 
-def set_rng_state(state: dict, loader_generator: Optional[torch.Generator] = None) -> None:
+def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state`'s streams.  The saved states are byte tensors that torch wants on the CPU; a
+    checkpoint loaded with ``map_location=<a GPU>`` carries them on that device, so they are moved back first."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if loader_generator is not None and "loader" in state:
-        loader_generator.set_state(state["loader"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:

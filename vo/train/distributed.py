@@ -26,14 +26,28 @@ class DistInfo:
         return self.world_size > 1
 
 
-def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto`` -> CUDA (the local rank's GPU) when present, else CPU."""
+def pick_device(name: str = "auto", local_rank: int = 0, world_size: int = 1,
+                cuda_available: bool | None = None) -> torch.device:
+    """The device of this process for ``run.device``.
+
+    ``auto`` -> the local rank's GPU when CUDA is present, else the CPU; ``cuda`` -> the local rank's GPU
+    (``cuda:<LOCAL_RANK>``, so every torchrun process gets its own); ``cuda:N`` -> GPU ``N``, for a single
+    process only (under torchrun every rank would land on one GPU: refused); ``cpu``.
+    """
+    available = torch.cuda.is_available() if cuda_available is None else cuda_available
     if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"run.device: '{name}' requested but CUDA is not available")
-    if name not in ("cpu",) and not name.startswith("cuda"):
+        return torch.device(f"cuda:{local_rank}") if available else torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name != "cuda" and not name.startswith("cuda:"):
         raise ValueError(f"run.device: expected auto, cpu or cuda[:N], got '{name}'")
+    if not available:
+        raise RuntimeError(f"run.device: '{name}' requested but CUDA is not available")
+    if name == "cuda":
+        return torch.device(f"cuda:{local_rank}")
+    if world_size > 1:
+        raise ValueError(f"run.device: '{name}' names one GPU for all {world_size} torchrun processes; use "
+                         f"run.device=cuda (each process takes cuda:<LOCAL_RANK>) or CUDA_VISIBLE_DEVICES")
     return torch.device(name)
 
 
@@ -42,7 +56,7 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(device_name, local)
+    device = pick_device(device_name, local, world)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
@@ -52,7 +66,11 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
 
 
 def shutdown_distributed() -> None:
+    """Leave the process group together: a rank that tears down gloo's connections while another still
+    talks on them aborts (``terminate called without an active exception``), which a loaded machine makes
+    likely."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

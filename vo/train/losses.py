@@ -26,7 +26,6 @@ from typing import Optional
 import torch
 
 from ba_layer import lie, projective
-
 from vo.config import dataclass_from_section
 from vo.model.encoders import FEATURE_STRIDE
 from vo.model.graph import PatchGraph

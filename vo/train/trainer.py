@@ -9,7 +9,6 @@ reproduces the uninterrupted run exactly on the CPU.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +18,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from vo.train.balancing import AdaptiveBalancer
-from vo.train.checkpoint import CHECKPOINT_VERSION, atomic_save, load_checkpoint, rng_state, set_rng_state
 from vo.config import Config, dataclass_from_section, save_config
 from vo.instrument.dashboards import Instrument
-from vo.train.losses import LossConfig, training_loss
 from vo.model.network import VONet
+from vo.train.balancing import AdaptiveBalancer
+from vo.train.checkpoint import CHECKPOINT_VERSION, atomic_save, load_checkpoint, rng_state, set_rng_state
 from vo.train.distributed import DistInfo, step_generator
+from vo.train.losses import LossConfig, training_loss
 from vo.train.validation import validate
 
 
@@ -284,6 +283,3 @@ def _ba_summary(output) -> dict:
     out["ba/solver_failures_all_updates"] = failures
     return out
 
-
-def is_interactive() -> bool:
-    return sys.stderr.isatty()

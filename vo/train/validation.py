@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 
 from ba_layer import umeyama
-
 from vo.train.distributed import step_generator
 
 #: Validation randomness (patch selection) is fixed across the run: this offsets its seed.
