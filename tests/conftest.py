@@ -34,6 +34,20 @@ def euroc_root() -> Path:
     return shared_data("euroc/V1_01_easy_head")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu",
+                     help="device of the device-parametrised tests (tests/test_on_device.py): cpu, cuda, cuda:N")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """The device the device-parametrised tests run on (``--device``; skips when it is absent)."""
+    dev = torch.device(request.config.getoption("--device"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip(f"--device {dev}: CUDA is not available here")
+    return dev
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)
