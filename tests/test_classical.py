@@ -1,6 +1,8 @@
 """The classical monocular VO baseline (OpenCV + numpy) and its bundle adjustment.
 
 * the windowed bundle adjustment recovers known poses and points;
+* a frame before initialisation without a PnP pose is interpolated between the camera centres and
+  along the rotation geodesic;
 * two rendered views with a known motion: the returned ``T_wc`` has the right
   rotation and direction of travel (and its inverse, OpenCV's ``T_cw``, would not);
 * a synthetic sequence of the embedded data set: every frame gets a pose, the
@@ -19,9 +21,15 @@ import pytest
 import torch
 
 from ba_layer import lie
+from vo.baselines.classical import (
+    MIN_FRAMES_FOR_INIT,
+    ClassicalVO,
+    ClassicalVOConfig,
+    InitialisationError,
+    _interpolate_T_cw,
+)
+from vo.baselines.local_ba import local_bundle_adjustment, project
 from vo.eval import metrics
-from vo.baselines.classical import (MIN_FRAMES_FOR_INIT, ClassicalVO, ClassicalVOConfig, InitialisationError,
-                          local_bundle_adjustment, project)
 
 # ------------------------------------------------------------------ a textured box room, ray-cast in numpy
 #: Room: walls at x = +-3 m, floor / ceiling at y = +-1.5 m (y down), back wall at z = 8 m.
@@ -122,6 +130,21 @@ def test_bundle_adjustment_recovers_known_poses_and_points():
                                 np.r_[uv, uv[:1]])
 
 
+def test_pre_initialisation_frames_interpolate_T_cw_along_the_geodesic():
+    """A frame before initialisation that PnP cannot place: its world-to-camera pose between the reference's
+    and the initialising frame's, a quarter of the way in time -> a quarter of the rotation angle about the
+    same axis and a quarter of the way between the camera centres (not between OpenCV's t vectors)."""
+    angle, axis = np.radians(20.0), np.array([0.0, 1.0, 0.0])
+    R_wc_b = cv2.Rodrigues(angle * axis)[0]
+    centre_b = np.array([2.0, 0.0, 1.0])
+    T_cw_b = np.eye(4)
+    T_cw_b[:3, :3], T_cw_b[:3, 3] = R_wc_b.T, -R_wc_b.T @ centre_b
+    T_cw = _interpolate_T_cw(np.eye(4), T_cw_b, 1.0, 2.0, 1.25)
+    R_wc = T_cw[:3, :3].T
+    assert np.allclose(R_wc, cv2.Rodrigues(0.25 * angle * axis)[0], atol=1e-12)
+    assert np.allclose(-R_wc @ T_cw[:3, 3], 0.25 * centre_b, atol=1e-12)
+
+
 # ------------------------------------------------------------------ conventions on a known motion
 def test_two_views_with_known_motion_give_T_wc(box_two_views):
     (I0, I1), gt = box_two_views
@@ -143,7 +166,7 @@ def test_two_views_with_known_motion_give_T_wc(box_two_views):
 def test_float_rgb_tensor_and_uint8_grey_give_the_same_poses(box_two_views):
     (I0, I1), _ = box_two_views
     runs = []
-    for convert in (lambda I: I, lambda I: torch.from_numpy(I).float().div(255).expand(3, *I.shape)):
+    for convert in (lambda grey: grey, lambda grey: torch.from_numpy(grey).float().div(255).expand(3, *grey.shape)):
         vo = ClassicalVO(torch.tensor(BOX_INTRINSICS))
         vo.track(convert(I0), 0.0)
         vo.track(convert(I1), 0.1)
