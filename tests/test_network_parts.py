@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from vo.model.blocks import GradientClamp, SoftAggregate
-from vo.model.correlation import CorrBlock
+from vo.model.correlation import AllPairsCorrBlock, CorrBlock
 from vo.model.graph import clip_graph
 from vo.model.patches import gather_patches, patch_grid, select_centres
 
@@ -147,8 +147,6 @@ def test_gradient_clamp_clamps_and_keeps_nan_visible():
 
 
 def test_all_pairs_volume_equals_windowed_lookup_values_and_gradients():
-    from vo.model.correlation import AllPairsCorrBlock
-
     R = 3
     fmap, pf, coords, jj, kk = _corr_problem(4, C=6, E=9, requires_grad=True)
     a = CorrBlock(fmap, pf, R, (1, 4))(coords, jj, kk)

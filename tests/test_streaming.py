@@ -22,14 +22,14 @@ import torch.nn.functional as F
 
 from ba_layer import lie
 from vo.eval import metrics
-from vo.model.correlation import CorrBlock
-from vo.streaming.sources import LearnedCorrespondences
 from vo.eval.trained_model import load_model, random_checkpoint, streaming_config_for
+from vo.model.correlation import CorrBlock
 from vo.streaming.keyframes import flow_magnitude
+from vo.streaming.lookup import correlation
 from vo.streaming.oracle import OracleCorrespondences
 from vo.streaming.pose_history import PoseHistory
-from vo.streaming.lookup import correlation
 from vo.streaming.runner import NotInitialisedError, StreamingConfig, StreamingVO, run_sequence
+from vo.streaming.sources import LearnedCorrespondences
 from vo.streaming.window import WindowProblem
 
 SYNTHETIC_FRAMES = 60

@@ -3,23 +3,172 @@
 For an edge (patch ``k``, target frame ``j``) and each of the patch's ``P x P``
 pixels, the lookup returns the correlation between that pixel's matching
 feature and the target frame's feature map at the ``(2R+1) x (2R+1)`` grid of
-positions centred on the pixel's reprojection, bilinearly interpolated, at
-each pyramid level.
+positions centred on the pixel's reprojection, bilinearly interpolated with
+zero outside the map, at each pyramid level.
 
-It is computed on demand in a local window per edge (no all-pairs volume):
-the target features of an ``S x S`` integer window around the reprojected
-patch centre are gathered, correlated with the patch's features by one
-batched matrix product, and sampled with ``grid_sample``.  Memory and time
-grow with the number of edges, not with the image size.
+Two ways compute these numbers, on one core:
+
+* :class:`CorrBlock` (and the streaming lookup, :mod:`vo.streaming.lookup`):
+  per edge, the target features of an ``S x S`` integer window around the
+  reprojected patch centre are gathered, correlated with the patch's features
+  by one batched matrix product, and sampled.  Memory and time grow with the
+  number of edges, not with the image size.
+* :class:`AllPairsCorrBlock`: from a volume of every patch pixel against
+  every position of every frame, computed once per clip; a lookup gathers a
+  ``(2R+2) x (2R+2)`` integer window of that volume per pixel and samples it.
+
+The core both use: :func:`window_origin` and :func:`window_index` place an
+integer window and say which of its positions lie in the map (outside ones
+read zero), :func:`sample_window` draws the ``(2R+1)^2`` bilinear samples
+around a position from the values of a window, and :func:`window_correlation`
+is the windowed lookup for a set of edges.  Feature maps enter it as a
+*table* of rows ``(frame, y, x)`` of channels with a last row of zeros
+(:func:`feature_table`), which is also how the streaming VO stores them.
+
+Sample order in a feature: pixel row ``py``, pixel column ``px``, offset row
+``dy``, offset column ``dx`` (``x`` right, ``y`` down, feature pixels).
 """
 from __future__ import annotations
+
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
+#: Reprojections are clamped to this many pixels before windows are placed (finite integer window origins).
+COORD_CLAMP_PX = 1e4
+#: ``buffer(name, shape, like)``: where an intermediate goes (``like``'s dtype and device), or None for fresh ones.
+BufferFn = Optional[Callable[[str, tuple, torch.Tensor], torch.Tensor]]
 
+
+# ---------------------------------------------------------------------------------------------- the core
+def window_side(radius: int, patch_size: int) -> int:
+    """``S``: side of the integer window around a patch centre that holds every bilinear sample of every pixel of
+    the patch (one position to spare on each side for a patch that perspective has stretched)."""
+    return 2 * (radius + patch_size // 2 + 1) + 2
+
+
+def window_origin(centre: torch.Tensor, half: int) -> torch.Tensor:
+    """(..., 2) int64 top-left ``(x, y)`` of the window placed around ``centre`` (..., 2): ``floor(centre) - half``.
+
+    Not differentiable (a window only has to contain the samples); NaN and far-away centres are clamped to
+    :data:`COORD_CLAMP_PX` so that the origin is a finite integer (their samples then fall outside the map).
+    """
+    c = torch.nan_to_num(centre.detach(), nan=-COORD_CLAMP_PX).clamp(-COORD_CLAMP_PX, COORD_CLAMP_PX)
+    return c.floor().long() - half
+
+
+def window_index(origin: torch.Tensor, side: int, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of ``side x side`` integer windows in an ``(h, w)`` map.
+
+    Args:
+        origin: (..., 2) int64 top-left ``(x, y)`` of each window.
+        size: (h, w) of the map.
+
+    Returns:
+        index: (..., side, side) ``y * w + x`` of each window position (rows ``y``, columns ``x``), clamped into
+            the map; inside: (..., side, side) bool, whether the position is in the map (the others read zero).
+    """
+    h, w = size
+    steps = torch.arange(side, device=origin.device)
+    xs = origin[..., 0, None] + steps                                        # (..., side)
+    ys = origin[..., 1, None] + steps
+    inside = ((ys >= 0) & (ys < h))[..., :, None] & ((xs >= 0) & (xs < w))[..., None, :]
+    index = ys.clamp(0, h - 1)[..., :, None] * w + xs.clamp(0, w - 1)[..., None, :]
+    return index, inside
+
+
+def sample_window(values: torch.Tensor, pos: torch.Tensor, radius: int) -> torch.Tensor:
+    """Bilinear samples of windows at ``pos`` plus the ``(2R+1)^2`` integer offsets, zero outside the window.
+
+    Args:
+        values: (L, hw, ww) values at the integer positions of each window (rows ``y``, columns ``x``).
+        pos: (L, 2) ``(x, y)`` relative to the window's origin (differentiable).
+
+    Returns:
+        (L, (2R+1)^2), offset rows ``dy`` then columns ``dx``; in the precision of ``values`` and ``pos``
+        together (float32 coordinates keep their precision when the features are half).
+    """
+    L, hw, ww = values.shape
+    dtype = torch.promote_types(values.dtype, pos.dtype)
+    pos = pos.to(dtype)
+    offsets = torch.arange(-radius, radius + 1, device=values.device, dtype=dtype)
+    gx = pos[:, 0, None, None] + offsets.view(1, 1, -1)
+    gy = pos[:, 1, None, None] + offsets.view(1, -1, 1)
+    grid = torch.stack(torch.broadcast_tensors(gx, gy), dim=-1)                 # (L, 2R+1, 2R+1, 2)
+    scale = grid.new_tensor([2.0 / max(ww - 1, 1), 2.0 / max(hw - 1, 1)])      # align_corners: -1..1 spans the window
+    out = F.grid_sample(values.to(dtype).view(L, 1, hw, ww), grid * scale - 1.0, mode="bilinear",
+                        padding_mode="zeros", align_corners=True)
+    return out.view(L, -1)
+
+
+def feature_table(fmap: torch.Tensor) -> torch.Tensor:
+    """Feature maps (F, C, h, w) as a table (F h w + 1, C): rows ``(frame, y, x)`` of channels and a zero row."""
+    Fr, C, h, w = fmap.shape
+    return torch.cat([fmap.permute(0, 2, 3, 1).reshape(Fr * h * w, C), fmap.new_zeros(1, C)])
+
+
+def patch_rows(patch_features: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
+    """(E, P*P, C) features of the patches ``patch`` (E,) of ``patch_features`` (M, C, P, P), scaled by ``C^-1/2``."""
+    C, P = patch_features.shape[1], patch_features.shape[-1]
+    g = patch_features.index_select(0, patch).reshape(-1, C, P * P).transpose(1, 2)
+    return g * C ** -0.5
+
+
+def window_rows(table: torch.Tensor, size: tuple[int, int], coords: torch.Tensor, target: torch.Tensor,
+                radius: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each edge's window lies and which table rows it reads.
+
+    Args:
+        table: (F h w + 1, C) feature table (:func:`feature_table`).  size: (h, w) of its maps.
+        coords: (E, P, P, 2) reprojections of the edges' patches, pixels of this level.
+        target: (E,) int64 frame (row block of the table) of each edge.
+
+    Returns:
+        origin: (E, 2) int64 top-left ``(x, y)`` of the ``S x S`` window around each patch centre;
+        rows: (E, S, S) int64 table rows of the window positions, the zero row where outside the map.
+    """
+    h, w = size
+    E, P = coords.shape[0], coords.shape[1]
+    S = window_side(radius, P)
+    origin = window_origin(coords[:, P // 2, P // 2], S // 2 - 1)
+    index, inside = window_index(origin, S, size)
+    rows = torch.where(inside, target.view(E, 1, 1) * (h * w) + index, table.shape[0] - 1)
+    return origin, rows
+
+
+def window_correlation(table: torch.Tensor, size: tuple[int, int], patch_features: torch.Tensor,
+                       coords: torch.Tensor, target: torch.Tensor, patch: torch.Tensor, radius: int,
+                       buffer: BufferFn = None) -> torch.Tensor:
+    """The windowed correlation lookup of a set of edges at one level.
+
+    Args:
+        table: (F h w + 1, C) feature table (:func:`feature_table`).  size: (h, w) of its maps.
+        patch_features: (M, C, P, P) matching features of the patches.
+        coords: (E, P, P, 2) reprojections of the edges' patches in this level's pixels (differentiable).
+        target: (E,) int64 frame of each edge (row block of ``table``); patch: (E,) int64 its patch.
+        buffer: where the window (E S^2, C) and the raw correlation (E, P^2, S^2) go (for inference with
+            reused buffers), or None for fresh tensors (then differentiable by autograd).
+
+    Returns:
+        (E, P^2 (2R+1)^2) correlation features.
+    """
+    E, P = coords.shape[0], coords.shape[1]
+    C = table.shape[1]
+    S = window_side(radius, P)
+    origin, rows = window_rows(table, size, coords, target, radius)
+    out = None if buffer is None else buffer("window", (E * S * S, C), table)
+    window = torch.index_select(table, 0, rows.reshape(-1), out=out).view(E, S * S, C)
+    g = patch_rows(patch_features, patch)                                      # (E, P*P, C)
+    out = None if buffer is None else buffer("corr", (E, P * P, S * S), g)
+    corr = torch.bmm(g, window.transpose(1, 2), out=out)                       # (E, P*P, S*S)
+    pos = coords - origin.view(E, 1, 1, 2).to(coords.dtype)                    # (E, P, P, 2) in the window
+    return sample_window(corr.view(E * P * P, S, S), pos.reshape(E * P * P, 2), radius).view(E, -1)
+
+
+# ---------------------------------------------------------------------------------------------- the lookups
 class CorrBlock:
-    """Correlation features for the edges of a patch graph.
+    """Correlation features for the edges of a patch graph, by windows around the reprojections.
 
     Args:
         fmap: (B, N, C, h, w) matching features of the frames.
@@ -31,15 +180,16 @@ class CorrBlock:
     def __init__(self, fmap: torch.Tensor, patch_features: torch.Tensor, radius: int = 3, levels=(1, 4)):
         self.radius = int(radius)
         self.levels = tuple(int(s) for s in levels)
-        self.patch_size = patch_features.shape[-1]
-        self.scale = patch_features.shape[2] ** -0.5
-        self.patch_features = patch_features
         B, N, C, h, w = fmap.shape
-        self.pyramid = []
+        M, P = patch_features.shape[1], patch_features.shape[-1]
+        self.patch_size, self.frames, self.patches = P, N, M
+        self.patch_features = patch_features.reshape(B * M, C, P, P)       # batch folded into patches
+        self.tables, self.sizes = [], []                                      # and into frames
         for s in self.levels:
-            f = fmap if s == 1 else F.avg_pool2d(fmap.reshape(B * N, C, h, w), s, s).reshape(
-                B, N, C, h // s, w // s)
-            self.pyramid.append(f)
+            f = fmap.reshape(B * N, C, h, w)
+            f = f if s == 1 else F.avg_pool2d(f, s, s)
+            self.tables.append(feature_table(f))
+            self.sizes.append((f.shape[-2], f.shape[-1]))
 
     @property
     def feature_dim(self) -> int:
@@ -47,40 +197,19 @@ class CorrBlock:
         return len(self.levels) * self.patch_size ** 2 * (2 * self.radius + 1) ** 2
 
     def __call__(self, coords: torch.Tensor, jj: torch.Tensor, kk: torch.Tensor) -> torch.Tensor:
-        """Correlation features (B, E, feature_dim) for reprojections ``coords`` (B, E, P, P, 2) in frames ``jj``."""
-        out = [self._lookup(f, (coords + 0.5) / s - 0.5, jj, kk) for f, s in zip(self.pyramid, self.levels)]
+        """Correlation features (B, E, feature_dim) of reprojections ``coords`` (B, E, P, P, 2) (feature pixels)
+        of patches ``kk`` (E,) in frames ``jj`` (E,), levels in order."""
+        B, E, P = coords.shape[:3]
+        batch = torch.arange(B, device=coords.device).view(B, 1)
+        target = (batch * self.frames + jj.view(1, E)).reshape(-1)
+        patch = (batch * self.patches + kk.view(1, E)).reshape(-1)
+        coords = coords.reshape(B * E, P, P, 2)
+        out = []
+        for table, size, s in zip(self.tables, self.sizes, self.levels):
+            c = (coords + 0.5) / s - 0.5
+            f = window_correlation(table, size, self.patch_features, c, target, patch, self.radius)
+            out.append(f.view(B, E, -1))
         return torch.cat(out, dim=-1)
-
-    def _lookup(self, fmap: torch.Tensor, coords: torch.Tensor, jj: torch.Tensor, kk: torch.Tensor) -> torch.Tensor:
-        B, N, C, h, w = fmap.shape
-        E = jj.shape[0]
-        P, R = self.patch_size, self.radius
-        half = R + P // 2 + 1
-        S = 2 * half + 2                                          # window side covering every pixel's samples
-        centre = coords[:, :, P // 2, P // 2].detach()            # the window only has to contain the samples
-        centre = torch.nan_to_num(centre, nan=-1e4).clamp(-1e4, 1e4)
-        base = centre.floor().long() - half                       # (B, E, 2) top-left of the window
-        steps = torch.arange(S, device=fmap.device)
-        wx = base[..., 0, None] + steps                           # (B, E, S)
-        wy = base[..., 1, None] + steps
-        inside = ((wx >= 0) & (wx < w))[:, :, None, :] & ((wy >= 0) & (wy < h))[:, :, :, None]
-        flat = jj.view(1, E, 1, 1) * (h * w) + wy.clamp(0, h - 1)[..., None] * w + wx.clamp(0, w - 1)[:, :, None, :]
-        flat = torch.where(inside, flat, torch.full_like(flat, N * h * w))   # out of the image: a zero feature
-        table = torch.cat([fmap.permute(0, 1, 3, 4, 2).reshape(B, N * h * w, C),
-                           fmap.new_zeros(B, 1, C)], dim=1)
-        window = torch.gather(table, 1, flat.reshape(B, E * S * S, 1).expand(-1, -1, C)).reshape(B, E, S * S, C)
-        g = self.patch_features.index_select(1, kk).reshape(B, E, C, P * P)
-        corr = torch.matmul(window, g).mul_(self.scale)           # (B, E, S*S, P*P)
-        corr = corr.permute(0, 1, 3, 2).reshape(B * E * P * P, 1, S, S)
-
-        offsets = torch.arange(-R, R + 1, device=fmap.device, dtype=coords.dtype)
-        pos = coords - base[:, :, None, None, :].to(coords.dtype)   # (B, E, P, P, 2) inside the window
-        gx = pos[..., 0, None, None] + offsets.view(1, 1, 1, 1, 1, -1)
-        gy = pos[..., 1, None, None] + offsets.view(1, 1, 1, 1, -1, 1)
-        grid = torch.stack(torch.broadcast_tensors(gx, gy), dim=-1)  # (B, E, P, P, 2R+1, 2R+1, 2)
-        grid = grid.reshape(B * E * P * P, 2 * R + 1, 2 * R + 1, 2) * (2.0 / (S - 1)) - 1.0
-        sampled = F.grid_sample(corr, grid.to(corr.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
-        return sampled.reshape(B, E, -1)
 
 
 class _GradientBuffer:
@@ -139,11 +268,13 @@ class AllPairsCorrBlock:
     The volume holds the correlation of every patch pixel with every pixel of
     every frame, per pyramid level: (B, M, P*P, N, h_l, w_l).  It costs one
     large matrix product per clip and ``M P^2 N h w`` numbers of memory; each
-    lookup is then a gather of ``4 (2R+1)^2`` corners per edge pixel.  For a
-    training clip, whose features stay fixed over many updates, this is several
-    times cheaper than the windowed lookup; for long streaming windows the
-    windowed :class:`CorrBlock` is the one to use.  Values (and gradients) equal
-    :class:`CorrBlock`'s: bilinear interpolation with zero outside the map.
+    lookup then gathers, per edge pixel, the ``(2R+2) x (2R+2)`` integer window
+    of the volume that its ``(2R+1)^2`` bilinear samples read, and samples it
+    with :func:`sample_window`.  For a training clip, whose features stay fixed
+    over many updates, this is several times cheaper than the windowed lookup;
+    for long streaming windows, or clips whose volume does not fit, the windowed
+    :class:`CorrBlock` is the one to use.  Values (and gradients) equal
+    :class:`CorrBlock`'s.
     """
 
     def __init__(self, fmap: torch.Tensor, patch_features: torch.Tensor, radius: int = 3, levels=(1, 4)):
@@ -175,37 +306,22 @@ class AllPairsCorrBlock:
         return sum(B * M * P * P * N * (h // s) * (w // s) for s in levels)
 
     def __call__(self, coords: torch.Tensor, jj: torch.Tensor, kk: torch.Tensor) -> torch.Tensor:
+        """As :meth:`CorrBlock.__call__`: (B, E, feature_dim) for ``coords`` (B, E, P, P, 2), ``jj``, ``kk`` (E,)."""
         out = [self._lookup(v, shape, (coords + 0.5) / s - 0.5, jj, kk, buf)
                for v, shape, s, buf in zip(self.volumes, self.shapes, self.levels, self.buffers)]
         return torch.cat(out, dim=-1)
 
     def _lookup(self, volume, shape, coords, jj, kk, buffer):
-        """The offsets are integers, so every sample of a pixel shares its bilinear fractions: gather the
-        (2R+2)^2 integer window once and blend its four shifted (2R+1)^2 views."""
         N, h, w = shape
         B, E, P = coords.shape[:3]
         R = self.radius
-        S = 2 * R + 2
-        c = torch.nan_to_num(coords.detach(), nan=-1e4).clamp(-1e4, 1e4)
-        c0 = c.floor()
-        frac = (coords - c0).clamp(0.0, 1.0) if coords.requires_grad else c - c0
-        x0 = c0[..., 0].long() - R                                               # (B, E, P, P)
-        y0 = c0[..., 1].long() - R
-        steps = torch.arange(S, device=coords.device)
-        xs = x0[..., None] + steps                                                # (B, E, P, P, S)
-        ys = y0[..., None] + steps
-        inside = ((ys >= 0) & (ys < h))[..., :, None] & ((xs >= 0) & (xs < w))[..., None, :]
+        T = 2 * R + 2                                                           # integer positions a pixel reads
+        origin = window_origin(coords, R)                                       # (B, E, P, P, 2)
+        index, inside = window_index(origin, T, (h, w))                         # (B, E, P, P, T, T)
         pixel = torch.arange(P * P, device=coords.device).view(1, 1, P, P)
         base = ((kk.view(1, E, 1, 1) * (P * P) + pixel) * N + jj.view(1, E, 1, 1)) * (h * w)   # (1, E, P, P)
-        idx = (base[..., None, None] + ys.clamp(0, h - 1)[..., :, None] * w
-               + xs.clamp(0, w - 1)[..., None, :])                                # (B, E, P, P, S, S)
-        if volume.requires_grad:
-            window = _Gather.apply(volume, idx.reshape(B, -1), buffer).reshape(idx.shape)
-        else:
-            window = volume.gather(1, idx.reshape(B, -1)).reshape(idx.shape)
-        window = window * inside.to(window.dtype)
-        fx = frac[..., 0, None, None].to(window.dtype)
-        fy = frac[..., 1, None, None].to(window.dtype)
-        top = window[..., :-1, :-1] * (1 - fx) + window[..., :-1, 1:] * fx
-        bottom = window[..., 1:, :-1] * (1 - fx) + window[..., 1:, 1:] * fx
-        return (top * (1 - fy) + bottom * fy).reshape(B, E, -1)
+        idx = (base[..., None, None] + index).reshape(B, -1)
+        window = _Gather.apply(volume, idx, buffer) if volume.requires_grad else volume.gather(1, idx)
+        window = window.view(index.shape) * inside.to(window.dtype)
+        pos = coords - origin.to(coords.dtype)                                  # (B, E, P, P, 2) in the window
+        return sample_window(window.view(-1, T, T), pos.reshape(-1, 2), R).view(B, E, -1)

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from vo.model.graph import PatchGraph
 from vo.model.patches import gather_patches
-from vo.streaming.profiling import StageTimer
 from vo.streaming.lookup import correlation
+from vo.streaming.profiling import StageTimer
 from vo.streaming.window import WindowProblem
 
 
@@ -111,7 +111,7 @@ class LearnedCorrespondences(CorrespondenceSource):
         c = self.net.cfg
         h, w = feature_size
         kw = {"device": device, "dtype": dtype}
-        # maps stored as rows (slot, y, x) of channels, plus a zero row (vo.streaming.lookup)
+        # maps stored as feature tables: rows (slot, y, x) of channels, plus a zero row (vo.model.correlation)
         self.sizes = [(h // s, w // s) for s in self.levels]
         self.pyramid = [torch.zeros(capacity * hl * wl + 1, c.feature_dim, **kw) for hl, wl in self.sizes]
         P = self.patch_size
