@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vo.model import correlation
 from vo.model.blocks import GradientClamp, SoftAggregate
 from vo.model.correlation import AllPairsCorrBlock, CorrBlock
 from vo.model.graph import clip_graph
@@ -157,3 +158,81 @@ def test_all_pairs_volume_equals_windowed_lookup_values_and_gradients():
     gb = torch.autograd.grad((b * wgt).sum(), (fmap, pf))
     for x, y in zip(ga, gb):
         assert torch.allclose(x, y, atol=1e-10)
+
+
+def _lookup_and_gradients(block_args, coords, jj, kk, inputs, seed=5, **kw):
+    """Features of a CorrBlock lookup and the gradients of a random weighting of them w.r.t. ``inputs``."""
+    out = CorrBlock(*block_args, **kw)(coords, jj, kk)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return out, torch.autograd.grad((out * weights).sum(), inputs)
+
+
+def test_recomputing_backward_equals_autograd_through_the_saved_window():
+    """WindowCorrelation (window recomputed in backward) against plain autograd through window_correlation (window
+    saved): values and the gradients w.r.t. feature maps, patch features and reprojections, float64."""
+    R = 3
+    fmap, pf, coords, jj, kk = _corr_problem(6, C=6, E=11, requires_grad=True)
+    coords.requires_grad_(True)
+    saved, g_saved = _lookup_and_gradients((fmap, pf, R, (1, 4)), coords, jj, kk, (fmap, pf, coords), recompute=False)
+    ours, g_ours = _lookup_and_gradients((fmap, pf, R, (1, 4)), coords, jj, kk, (fmap, pf, coords), recompute=True)
+    assert torch.allclose(ours, saved, atol=1e-12)
+    for name, a, b in zip(("fmap", "patch features", "coords"), g_ours, g_saved):
+        assert b.abs().max() > 1e-3, name                                   # not comparing zeros
+        assert torch.allclose(a, b, atol=1e-10), name
+
+
+def test_recomputing_backward_in_chunks_equals_one_chunk(monkeypatch):
+    """Edges split into several chunks of windows (a tiny WINDOW_CHUNK_NUMBERS) give the one-chunk numbers."""
+    fmap, pf, coords, jj, kk = _corr_problem(7, C=4, E=10, requires_grad=True)
+    coords.requires_grad_(True)
+    whole, g_whole = _lookup_and_gradients((fmap, pf, 2, (1, 2)), coords, jj, kk, (fmap, pf, coords))
+    S = correlation.window_side(2, 3)
+    monkeypatch.setattr(correlation, "WINDOW_CHUNK_NUMBERS", 3 * S * S * 4)          # 3 edges per chunk
+    assert len(correlation._edge_chunks(2 * 10, S * S * 4)) == 7
+    chunked, g_chunked = _lookup_and_gradients((fmap, pf, 2, (1, 2)), coords, jj, kk, (fmap, pf, coords))
+    assert torch.allclose(chunked, whole, atol=1e-12)
+    for a, b in zip(g_chunked, g_whole):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_recomputing_backward_gradcheck():
+    """Finite differences through WindowCorrelation on a tiny problem: feature table, patch features, coords."""
+    g = torch.Generator().manual_seed(8)
+    fmap = torch.randn(2, 3, 5, 6, generator=g, dtype=torch.float64)                 # 2 frames, C=3, 5x6
+    table = correlation.feature_table(fmap).requires_grad_(True)
+    pf = torch.randn(3, 3, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    centre = torch.tensor([[2.3, 1.6], [4.7, 3.2], [-0.4, 2.9], [5.6, 4.4]], dtype=torch.float64)
+    off = torch.stack(torch.meshgrid(torch.arange(-1.0, 2.0), torch.arange(-1.0, 2.0), indexing="xy"), -1)
+    coords = (centre[:, None, None] + 1.05 * off.double()).requires_grad_(True)   # one edge partly outside
+    target, patch = torch.tensor([1, 0, 1, 0]), torch.tensor([0, 2, 1, 2])
+
+    def lookup(table, pf, coords):
+        return correlation.WindowCorrelation.apply(table, pf, coords, target, patch, (5, 6), 1)
+
+    assert lookup(table, pf, coords).abs().max() > 0.1
+    assert torch.autograd.gradcheck(lookup, (table, pf, coords), eps=1e-6, atol=1e-7)
+
+
+def test_network_gradients_equal_with_windowed_and_all_pairs_correlation():
+    """A VONet step (exact gradients: reprojections not detached, so the lookups' coordinate gradients count) gives
+    the same loss and parameter gradients with the windowed lookup (recomputing backward) as with the volume."""
+    from vo.model.network import VONet
+
+    g = torch.Generator().manual_seed(9)
+    images = F.interpolate(torch.rand(3, 3, 8, 12, generator=g), size=(32, 48), mode="bilinear").double()[None]
+    intrinsics = torch.tensor([24.0, 24.0, 23.5, 15.5], dtype=torch.float64).expand(1, 3, 4)
+    model = dict(dim=16, feature_dim=8, encoder_width=8, patches_per_frame=4, corr_radius=2, corr_levels=[1, 2],
+                 gradient_bias=False, head_grad_clamp=0.0, detach_between_updates=False)
+    results = []
+    for impl in ("windowed", "all_pairs"):
+        torch.manual_seed(0)
+        net = VONet({**model, "corr_impl": impl}, dict(iterations=1)).double()
+        out = net(images, intrinsics, iters=2, generator=torch.Generator().manual_seed(3))
+        loss = sum((s.coords ** 2).mean() + s.weights.mean() for s in out.steps)
+        grads = torch.autograd.grad(loss, list(net.parameters()))
+        results.append((loss.detach(), grads))
+    (loss_w, grads_w), (loss_a, grads_a) = results
+    assert torch.allclose(loss_w, loss_a, rtol=1e-10)
+    assert grads_w[0].abs().max() > 0                                # the matching encoder's first layer
+    for a, b in zip(grads_w, grads_a):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-10)

@@ -12,7 +12,8 @@ Two ways compute these numbers, on one core:
   per edge, the target features of an ``S x S`` integer window around the
   reprojected patch centre are gathered, correlated with the patch's features
   by one batched matrix product, and sampled.  Memory and time grow with the
-  number of edges, not with the image size.
+  number of edges, not with the image size.  Its backward recomputes the
+  window instead of saving it (:class:`WindowCorrelation`).
 * :class:`AllPairsCorrBlock`: from a volume of every patch pixel against
   every position of every frame, computed once per clip; a lookup gathers a
   ``(2R+2) x (2R+2)`` integer window of that volume per pixel and samples it.
@@ -34,9 +35,14 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 #: Reprojections are clamped to this many pixels before windows are placed (finite integer window origins).
 COORD_CLAMP_PX = 1e4
+#: :class:`WindowCorrelation` gathers the windows of at most this many numbers at once (edges in chunks):
+#: 2^25 float32 numbers are 128 MB, transient, whatever the number of edges.
+WINDOW_CHUNK_NUMBERS = 1 << 25
+
 #: ``buffer(name, shape, like)``: where an intermediate goes (``like``'s dtype and device), or None for fresh ones.
 BufferFn = Optional[Callable[[str, tuple, torch.Tensor], torch.Tensor]]
 
@@ -148,7 +154,8 @@ def window_correlation(table: torch.Tensor, size: tuple[int, int], patch_feature
         coords: (E, P, P, 2) reprojections of the edges' patches in this level's pixels (differentiable).
         target: (E,) int64 frame of each edge (row block of ``table``); patch: (E,) int64 its patch.
         buffer: where the window (E S^2, C) and the raw correlation (E, P^2, S^2) go (for inference with
-            reused buffers), or None for fresh tensors (then differentiable by autograd).
+            reused buffers), or None for fresh tensors.  Differentiable by autograd when None, saving the window
+            for backward; :class:`WindowCorrelation` is the same lookup with a backward that recomputes it.
 
     Returns:
         (E, P^2 (2R+1)^2) correlation features.
@@ -166,6 +173,76 @@ def window_correlation(table: torch.Tensor, size: tuple[int, int], patch_feature
     return sample_window(corr.view(E * P * P, S, S), pos.reshape(E * P * P, 2), radius).view(E, -1)
 
 
+def _edge_chunks(E: int, numbers_per_edge: int) -> list[slice]:
+    """Slices of the ``E`` edges such that their windows hold at most :data:`WINDOW_CHUNK_NUMBERS` numbers."""
+    step = max(1, WINDOW_CHUNK_NUMBERS // max(numbers_per_edge, 1))
+    return [slice(i, min(i + step, E)) for i in range(0, E, step)] or [slice(0, 0)]
+
+
+class WindowCorrelation(torch.autograd.Function):
+    """:func:`window_correlation` with a backward that recomputes the gathered windows instead of saving them.
+
+    ``WindowCorrelation.apply(table, patch_features, coords, target, patch, size, radius)`` with the arguments
+    of :func:`window_correlation` returns its (E, P^2 (2R+1)^2) features.  Saved for backward: the table and
+    the patch features (the clip's feature maps, alive anyway), the coordinates (E, P, P, 2) and the edge
+    indices.  Not saved: the windows (E, S^2, C) and raw correlations (E, P^2, S^2); at DPVO's size (E = 20k,
+    S = 12, C = 128) the windows alone are 1.5 GB per level and update.  Forward and backward visit the edges
+    in chunks of at most :data:`WINDOW_CHUNK_NUMBERS` window numbers, so the transient window is bounded too.
+
+    Gradients reach the table (hence the feature maps), the patch features and the coordinates, as autograd's
+    through :func:`window_correlation` (the window placement itself is piecewise constant).  Both passes run
+    with autocast off, in the inputs' dtypes, so that the recomputation is the forward's.  The backward is not
+    itself differentiable (no double backward).
+    """
+
+    @staticmethod
+    def forward(ctx, table, patch_features, coords, target, patch, size, radius):
+        ctx.save_for_backward(table, patch_features, coords, target, patch)
+        ctx.size, ctx.radius = size, radius
+        S = window_side(radius, coords.shape[1])
+        with torch.autocast(table.device.type, enabled=False):
+            out = [window_correlation(table, size, patch_features, coords[sl], target[sl], patch[sl], radius)
+                   for sl in _edge_chunks(coords.shape[0], S * S * table.shape[1])]
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_features):
+        table, patch_features, coords, target, patch = ctx.saved_tensors
+        need_table, need_patch, need_coords = ctx.needs_input_grad[:3]
+        size, R = ctx.size, ctx.radius
+        C, P = table.shape[1], coords.shape[1]
+        S = window_side(R, P)
+        grad_table = torch.zeros_like(table) if need_table else None
+        grad_patch = torch.zeros_like(patch_features) if need_patch else None
+        grad_coords = torch.zeros_like(coords) if need_coords else None
+        with torch.autocast(table.device.type, enabled=False):
+            for sl in _edge_chunks(coords.shape[0], S * S * C):
+                c, k = coords[sl], patch[sl]
+                e = c.shape[0]
+                origin, rows = window_rows(table, size, c, target[sl], R)
+                window = table.index_select(0, rows.reshape(-1)).view(e, S * S, C)    # recomputed, not saved
+                g = patch_rows(patch_features, k)                                     # (e, P*P, C)
+                corr = torch.bmm(g, window.transpose(1, 2))                           # (e, P*P, S*S)
+                pos = c - origin.view(e, 1, 1, 2).to(c.dtype)
+                with torch.enable_grad():                      # the bilinear sampling: small, by autograd
+                    corr_in = corr.detach().requires_grad_()
+                    pos_in = pos.detach().requires_grad_(bool(need_coords))
+                    sampled = sample_window(corr_in.view(e * P * P, S, S), pos_in.reshape(e * P * P, 2), R)
+                    grads = torch.autograd.grad(sampled, (corr_in, pos_in) if need_coords else (corr_in,),
+                                                grad_features[sl].reshape(sampled.shape).to(sampled.dtype))
+                grad_corr = grads[0].to(corr.dtype)
+                if need_coords:
+                    grad_coords[sl] = grads[1].view(e, P, P, 2)
+                if need_patch:                                 # corr = g window^T, g = features * C^-1/2
+                    grad_g = torch.bmm(grad_corr, window).mul_(C ** -0.5)          # (e, P*P, C)
+                    grad_patch.index_add_(0, k, grad_g.transpose(1, 2).reshape(e, C, P, P))
+                if need_table:
+                    grad_window = torch.bmm(grad_corr.transpose(1, 2), g)          # (e, S*S, C)
+                    grad_table.index_add_(0, rows.reshape(-1), grad_window.reshape(-1, C))
+        return grad_table, grad_patch, grad_coords, None, None, None, None
+
+
 # ---------------------------------------------------------------------------------------------- the lookups
 class CorrBlock:
     """Correlation features for the edges of a patch graph, by windows around the reprojections.
@@ -175,11 +252,16 @@ class CorrBlock:
         patch_features: (B, M, C, P, P) matching features of the patches.
         radius: ``R``; the lookup grid is ``(2R+1)^2`` per pixel and level.
         levels: pooling factors of the pyramid, e.g. ``(1, 4)``.
+        recompute: backward by :class:`WindowCorrelation` (recomputes the windows; memory per lookup ``O(E P^2)``)
+            when True; plain autograd through :func:`window_correlation` (saves an (E, S^2, C) window per level
+            and lookup) when False, the reference the tests hold the first against.
     """
 
-    def __init__(self, fmap: torch.Tensor, patch_features: torch.Tensor, radius: int = 3, levels=(1, 4)):
+    def __init__(self, fmap: torch.Tensor, patch_features: torch.Tensor, radius: int = 3, levels=(1, 4),
+                 recompute: bool = True):
         self.radius = int(radius)
         self.levels = tuple(int(s) for s in levels)
+        self.recompute = bool(recompute)
         B, N, C, h, w = fmap.shape
         M, P = patch_features.shape[1], patch_features.shape[-1]
         self.patch_size, self.frames, self.patches = P, N, M
@@ -207,7 +289,10 @@ class CorrBlock:
         out = []
         for table, size, s in zip(self.tables, self.sizes, self.levels):
             c = (coords + 0.5) / s - 0.5
-            f = window_correlation(table, size, self.patch_features, c, target, patch, self.radius)
+            if self.recompute:
+                f = WindowCorrelation.apply(table, self.patch_features, c, target, patch, size, self.radius)
+            else:
+                f = window_correlation(table, size, self.patch_features, c, target, patch, self.radius)
             out.append(f.view(B, E, -1))
         return torch.cat(out, dim=-1)
 
