@@ -83,10 +83,10 @@ def build_network(ckpt: Path):
 
 
 def run_learned(net, seq, frames: int, overrides: dict) -> dict:
-    from vo.streaming.sources import LearnedCorrespondences
     from vo.eval.trained_model import streaming_config_for
     from vo.streaming.profiling import peak_rss_mb
     from vo.streaming.runner import StreamingVO
+    from vo.streaming.sources import LearnedCorrespondences
 
     config = streaming_config_for(net, **overrides)
     vo = StreamingVO(LearnedCorrespondences(net), seq.intrinsics, config)

@@ -22,7 +22,7 @@ import torch
 
 from ba_layer import lie
 from vo.eval import metrics
-from vo.eval.plots import FIGURE_SIZE_IN, DPI, align_positions, plot_trajectories
+from vo.eval.plots import DPI, FIGURE_SIZE_IN, align_positions, plot_trajectories
 from vo.eval.tum_files import TrajectoryFileError, read_tum, write_tum
 
 #: Relative agreement demanded between our wrapper and evo's command-line tools.

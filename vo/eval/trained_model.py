@@ -12,9 +12,9 @@ from typing import Optional
 
 import torch
 
-from vo.train.checkpoint import load_checkpoint
 from vo.model.network import VONet
 from vo.streaming.runner import StreamingConfig
+from vo.train.checkpoint import load_checkpoint
 
 #: How to make a checkpoint, for error messages.
 HOW_TO_TRAIN = ("train one with `python train.py` (it writes <run.out_dir>/checkpoints/last.pt, by default "
