@@ -25,9 +25,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from vo.eval import metrics
+from vo.eval.results import safe_name
 from vo.eval.trained_model import random_checkpoint
 from vo.eval.tum_files import read_tum
 
@@ -88,7 +88,7 @@ def test_end_to_end_writes_every_output(evaluated, tiny_data, capsys):
     payload = json.loads((out / "results.json").read_text())
     assert payload == json.loads((out / "run" / "results.json").read_text())
     name, methods = _only(payload["results"])
-    folder = out / "run" / evaluate.safe_name(name)
+    folder = out / "run" / safe_name(name)
     gt_ts, gt_T = read_tum(folder / "groundtruth.txt")
     assert len(gt_ts) == FRAMES
     assert (folder / "trajectories.png").read_bytes()[:8] == PNG_SIGNATURE
@@ -117,7 +117,7 @@ def test_ate_equals_evo_command_line(evaluated, tmp_path):
     rc, out = evaluated
     payload = json.loads((out / "results.json").read_text())
     name, methods = _only(payload["results"])
-    folder = out / "run" / evaluate.safe_name(name)
+    folder = out / "run" / safe_name(name)
     exe = Path(sys.executable).parent / "evo_ape"
     exe = str(exe) if exe.is_file() else shutil.which("evo_ape")
     if exe is None:
@@ -154,10 +154,10 @@ def test_sequence_without_ground_truth_gets_its_trajectory(tiny_data, tmp_path, 
     name, methods = _only(json.loads((out / "results.json").read_text())["results"])
     e = methods["learned"]
     assert "ate_rmse" not in e and "metrics skipped" in e["metrics_skipped"]
-    ts, T = read_tum(out / evaluate.safe_name(name) / "learned.txt")
+    ts, T = read_tum(out / safe_name(name) / "learned.txt")
     assert len(ts) == n and np.isfinite(T).all()
-    assert not (out / evaluate.safe_name(name) / "groundtruth.txt").exists()
-    assert (out / evaluate.safe_name(name) / "trajectories.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert not (out / safe_name(name) / "groundtruth.txt").exists()
+    assert (out / safe_name(name) / "trajectories.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
 def test_clear_errors(tiny_data, tmp_path, capsys):
