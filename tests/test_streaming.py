@@ -166,7 +166,7 @@ def test_streaming_initialisation_equals_the_network_forward(synthetic_sequence,
 
     class Injected(StreamingVO):                     # the clip's patch centres and initial depths
         def _select_centres(self, image):
-            return out.centres[self.counts["frames"] - 1]
+            return out.centres[0, self.counts["frames"] - 1]       # (B, N, p, 2): clip 0
 
         def _initial_inverse_depth(self):
             k = self.counts["frames"] - 1

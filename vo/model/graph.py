@@ -26,6 +26,11 @@ class PatchGraph:
     def __len__(self) -> int:
         return int(self.ii.shape[0])
 
+    def to(self, device) -> "PatchGraph":
+        """The same graph with its index tensors on ``device``."""
+        move = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        return PatchGraph(**move)
+
     def select(self, mask: torch.Tensor) -> "PatchGraph":
         """The sub-graph of the edges where ``mask`` (E,) is true (neighbours re-indexed)."""
         return build_graph_from_edges(self.ii[mask], self.jj[mask], self.kk[mask], self.n_patches)

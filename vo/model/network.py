@@ -19,11 +19,19 @@ derivative of the loss (what the finite-difference test checks).
 
 Coordinates inside the network are feature-map pixels (1/4 resolution, the
 intrinsics scaled with :func:`ba_layer.projective.scale_intrinsics`).
+
+Mixed precision (:mod:`vo.model.precision`): under the caller's autocast only
+the encoders and the update operator run in low precision; projection,
+correlation and BA run with autocast off in the parameters' dtype.  Each clip
+of a batch has its own patches (picked on its own images, from its own
+generator when given one per clip); the patch graph is shared.
 """
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -35,11 +43,16 @@ from vo.model.correlation import AllPairsCorrBlock, CorrBlock
 from vo.model.encoders import FEATURE_STRIDE, Encoder
 from vo.model.graph import PatchGraph, clip_graph
 from vo.model.patches import gather_patches, image_gradient_score, patch_grid, select_centres
+from vo.model.precision import Precision
 from vo.model.update import UpdateOperator
 
 #: ``corr_impl: auto`` uses the all-pairs volume when it holds at most this many numbers (4 bytes each).
 ALL_PAIRS_MAX_ENTRIES = 64_000_000
 CORR_IMPLS = ("auto", "all_pairs", "windowed")
+#: Environment variable that turns on the checks that read tensors back to the host (1: on).
+DEBUG_CHECKS_ENV = "VERACITY_DEBUG_CHECKS"
+#: A random source for the clips of a batch: one generator, one per clip, or None (the global one).
+Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
 
 
 @dataclass
@@ -101,7 +114,7 @@ class UpdateStep:
 class VOOutput:
     steps: list                    # [UpdateStep] one per update
     graph: PatchGraph
-    centres: torch.Tensor          # (N, p, 2) integer patch centres, feature pixels
+    centres: torch.Tensor          # (B, N, p, 2) integer patch centres of each clip, feature pixels
     intrinsics: torch.Tensor       # (B, N, 4) at feature resolution
     feature_size: tuple            # (h, w)
     extras: dict = field(default_factory=dict)
@@ -140,16 +153,41 @@ class VONet(nn.Module):
         return CorrBlock(fmap, patch_features, c.corr_radius, c.corr_levels)
 
     def initial_inverse_depth(self, B: int, M: int, like: torch.Tensor,
-                              generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                              generator: Generators = None) -> torch.Tensor:
+        """Uniform random inverse depths (B, M) in ``model.init_inverse_depth``, dtype and device of ``like``;
+        clip ``b`` draws from its own generator when ``generator`` is a list of B."""
         lo, hi = self.cfg.init_inverse_depth
-        u = torch.rand(B, M, generator=generator, device=like.device if generator is None else generator.device)
+        u = torch.stack([torch.rand(M, generator=g, device=like.device if g is None else g.device)
+                         for g in clip_generators(generator, B)])
         return (lo + (hi - lo) * u).to(like)
+
+    def patch_centres(self, images: torch.Tensor, feature_size: tuple, generator: Generators = None) -> torch.Tensor:
+        """Integer patch centres (B, N, p, 2) ``(x, y)`` in feature pixels, each clip's picked on its own images
+        (biased to strong gradients with ``model.gradient_bias``), from its own generator when ``generator``
+        is a list of B."""
+        c = self.cfg
+        B, N = images.shape[:2]
+        h, w = feature_size
+        score = image_gradient_score(images) if c.gradient_bias else None                     # (B, N, h, w)
+        return torch.stack([
+            select_centres(N, c.patches_per_frame, h, w, c.patch_size, None if score is None else score[b], g,
+                           device=images.device if g is None else g.device).to(images.device)
+            for b, g in enumerate(clip_generators(generator, B))])
+
+    @property
+    def geometry_dtype(self) -> torch.dtype:
+        """The dtype of projection, correlation and BA: the parameters' (float32, or float64 after ``.double()``),
+        whatever autocast the caller runs the networks under (vo.model.precision)."""
+        return self.update.norm.weight.dtype
 
     # ------------------------------------------------------------------ the method
     def forward(self, images: torch.Tensor, intrinsics: torch.Tensor, iters: int = 8,
                 T_wc_init: Optional[torch.Tensor] = None, inverse_depth_init: Optional[torch.Tensor] = None,
-                structure_only: bool = False, generator: Optional[torch.Generator] = None) -> VOOutput:
+                structure_only: bool = False, generator: Generators = None) -> VOOutput:
         """Run the VO network on clips.
+
+        Under ``torch.autocast`` only the encoders and the update operator run in low precision; the geometry
+        runs with autocast off in :attr:`geometry_dtype` (vo.model.precision).
 
         Args:
             images: (B, N, 3, H, W) float in [0, 1]; H, W multiples of 4.
@@ -158,56 +196,96 @@ class VONet(nn.Module):
             T_wc_init: (B, N, 7) initial camera-to-world poses (identity if None).
             inverse_depth_init: (B, M) initial patch inverse depths (uniform random if None).
             structure_only: keep the poses fixed at ``T_wc_init`` and optimise the depths only.
-            generator: random source for patch selection and initial depths.
+            generator: random source for patch selection and initial depths: one generator for every clip
+                (drawn clip after clip), or a list of B, one per clip, so that a clip's draws do not depend on
+                the other clips of the batch.
         """
         c = self.cfg
         B, N = images.shape[:2]
-        fmap, cmap = self.encode(images)
+        precision = Precision.of_caller(images.device.type)
+        dtype = self.geometry_dtype
+        debug = debug_checks()
+        with precision.networks():
+            fmap, cmap = self.encode(images)
+        fmap, cmap = fmap.to(dtype), cmap.to(dtype)          # network outputs enter the geometry in full precision
         h, w = fmap.shape[-2:]
-        K = projective.scale_intrinsics(intrinsics, 1.0 / FEATURE_STRIDE).to(fmap.dtype)
 
-        score = image_gradient_score(images[:1])[0] if c.gradient_bias else None
-        centres = select_centres(N, c.patches_per_frame, h, w, c.patch_size, score, generator,
-                                 device=generator.device if generator is not None else images.device)
-        centres = centres.to(images.device)
-        patch_features = gather_patches(fmap, centres, c.patch_size)
-        context = gather_patches(cmap, centres, 1)[..., 0, 0]                     # (B, M, dim)
-        patch_frame = torch.arange(N, device=images.device).repeat_interleave(c.patches_per_frame)
-        graph = clip_graph(patch_frame, N, c.max_frame_gap or None)
-        corr_fn = self.correlation(fmap, patch_features)
+        with precision.geometry():
+            K = projective.scale_intrinsics(intrinsics.to(dtype), 1.0 / FEATURE_STRIDE)
+            centres = self.patch_centres(images, (h, w), generator)                          # (B, N, p, 2)
+            patch_features = gather_patches(fmap, centres, c.patch_size)
+            context = gather_patches(cmap, centres, 1)[..., 0, 0]                             # (B, M, dim)
+            graph = clip_graph_on(N, c.patches_per_frame, c.max_frame_gap, images.device)
+            corr_fn = self.correlation(fmap, patch_features)
 
-        M = patch_frame.shape[0]
-        T_wc = T_wc_init.to(fmap.dtype) if T_wc_init is not None else _identity(B, N, fmap)
-        d = inverse_depth_init.to(fmap.dtype) if inverse_depth_init is not None else \
-            self.initial_inverse_depth(B, M, fmap, generator)
-        hidden = fmap.new_zeros(B, len(graph), c.dim)
-        edge_context = context.index_select(1, graph.kk)
-        centre = c.patch_size // 2
-        margin = self.ba_cfg.bounds_margin_px
+            M = graph.n_patches
+            T_wc = T_wc_init.to(dtype) if T_wc_init is not None else _identity(B, N, fmap)
+            d = inverse_depth_init.to(dtype) if inverse_depth_init is not None else \
+                self.initial_inverse_depth(B, M, fmap, generator)
+            hidden = fmap.new_zeros(B, len(graph), c.dim)
+            edge_context = context.index_select(1, graph.kk)
+            centre = c.patch_size // 2
+            margin = self.ba_cfg.bounds_margin_px
 
-        steps = []
-        for _ in range(iters):
-            if c.detach_between_updates:
-                T_wc, d = T_wc.detach(), d.detach()
-            grid = patch_grid(centres, c.patch_size, d)
-            coords = projective.transform(T_wc, grid, K, graph.ii, graph.jj, graph.kk).coords
-            out = self.update(hidden, edge_context, corr_fn(coords, graph.jj, graph.kk), graph)
-            hidden = out.hidden
-            targets = coords[:, :, centre, centre] + out.delta
-            result = bundle_adjust(
-                T_wc, grid, K, graph.ii, graph.jj, graph.kk, targets, out.weights,
-                iterations=self.ba_cfg.iterations, damping=self.ba_cfg.damping,
-                fixed_poses=N if structure_only else self.ba_cfg.fixed_poses,
-                backward=self.ba_cfg.backward, truncate_k=self.ba_cfg.truncate_k,
-                mode="structure" if structure_only else "full",
-                image_size=(h, w), image_margin_px=margin, pose_damping=self.ba_cfg.pose_damping,
-                adaptive=self.ba_cfg.adaptive)
-            T_wc, d = result.T_wc, result.patches[:, :, 2, centre, centre]
-            reproj = projective.transform(T_wc, result.patches, K, graph.ii, graph.jj, graph.kk)
-            steps.append(UpdateStep(T_wc=T_wc, inverse_depth=d, coords=reproj.coords, valid=reproj.valid,
-                                    targets=targets, weights=out.weights, delta=out.delta,
-                                    ba_status=result.status))
+            steps = []
+            for k in range(iters):
+                if c.detach_between_updates:
+                    T_wc, d = T_wc.detach(), d.detach()
+                grid = patch_grid(centres, c.patch_size, d)
+                coords = projective.transform(T_wc, grid, K, graph.ii, graph.jj, graph.kk).coords
+                correlation = corr_fn(coords, graph.jj, graph.kk)
+                with precision.networks():
+                    out = self.update(hidden, edge_context, correlation, graph)
+                hidden = out.hidden
+                delta, weights = out.delta.to(dtype), out.weights.to(dtype)
+                targets = coords[:, :, centre, centre] + delta
+                result = bundle_adjust(
+                    T_wc, grid, K, graph.ii, graph.jj, graph.kk, targets, weights,
+                    iterations=self.ba_cfg.iterations, damping=self.ba_cfg.damping,
+                    fixed_poses=N if structure_only else self.ba_cfg.fixed_poses,
+                    backward=self.ba_cfg.backward, truncate_k=self.ba_cfg.truncate_k,
+                    mode="structure" if structure_only else "full",
+                    image_size=(h, w), image_margin_px=margin, pose_damping=self.ba_cfg.pose_damping,
+                    adaptive=self.ba_cfg.adaptive)
+                T_wc, d = result.T_wc, result.patches[:, :, 2, centre, centre]
+                reproj = projective.transform(T_wc, result.patches, K, graph.ii, graph.jj, graph.kk)
+                if debug:
+                    _check_finite(k, delta=delta, weights=weights, T_wc=T_wc, inverse_depth=d)
+                steps.append(UpdateStep(T_wc=T_wc, inverse_depth=d, coords=reproj.coords, valid=reproj.valid,
+                                        targets=targets, weights=weights, delta=delta, ba_status=result.status))
         return VOOutput(steps=steps, graph=graph, centres=centres, intrinsics=K, feature_size=(h, w))
+
+
+def clip_generators(generator: Generators, B: int) -> list:
+    """One random source per clip: a list of B generators as given; one generator (or None) serves every clip."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != B:
+            raise ValueError(f"generator: expected one generator per clip ({B}), got {len(generator)}")
+        return list(generator)
+    return [generator] * B
+
+
+@functools.lru_cache(maxsize=16)
+def clip_graph_on(n_frames: int, patches_per_frame: int, max_frame_gap: int, device: torch.device) -> PatchGraph:
+    """The patch graph of a clip (:func:`~vo.model.graph.clip_graph`, ``max_frame_gap`` 0: every frame), built
+    on the CPU and kept on ``device``: a pure function of the sizes, so a training step builds none (building
+    reads index maxima back to the host)."""
+    patch_frame = torch.arange(n_frames).repeat_interleave(patches_per_frame)
+    return clip_graph(patch_frame, n_frames, max_frame_gap or None).to(device)
+
+
+def debug_checks() -> bool:
+    """Whether the checks that read values back to the host run (``VERACITY_DEBUG_CHECKS=1``): off in training,
+    where each is a GPU round trip per update."""
+    return os.environ.get(DEBUG_CHECKS_ENV, "0") not in ("", "0")
+
+
+def _check_finite(update: int, **tensors: torch.Tensor) -> None:
+    for name, value in tensors.items():
+        bad = ~torch.isfinite(value.detach())
+        if bool(bad.any()):
+            raise FloatingPointError(f"VONet update {update}: {name} {tuple(value.shape)} has {int(bad.sum())} "
+                                     f"non-finite values ({DEBUG_CHECKS_ENV}=1 check)")
 
 
 def _identity(B: int, N: int, like: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,10 @@ around a centre, with one inverse depth.  The patchifier picks ``p`` centres
 per frame (uniformly at random, or biased towards strong image gradients as in
 DPVO), and returns for each patch its matching features (for correlation), its
 context vector (for the update operator) and its pixel grid ``(u, v, d)``.
+
+Each clip of a batch has its own centres, ``(B, N, p, 2)``, picked on its own
+images; the functions below also take centres shared by every clip,
+``(N, p, 2)`` (the streaming VO's single clip).
 """
 from __future__ import annotations
 
@@ -39,7 +43,9 @@ def select_centres(n_frames: int, per_frame: int, height: int, width: int, patch
 
     With ``score`` (N, h, w) the centres are the best-scoring of
     ``GRADIENT_CANDIDATES_PER_PATCH * p`` random candidates per frame;
-    otherwise uniform.  Batched clips share the centres (they share the graph).
+    otherwise uniform.  One clip: the network calls it once per clip of a batch.
+    The candidates are drawn on ``device`` (the generator's); the result lies on the score's device (the
+    scoring runs there, so no tensor travels back to the host).
     """
     r = patch_size // 2
     if width - 2 * r < 1 or height - 2 * r < 1:
@@ -48,34 +54,50 @@ def select_centres(n_frames: int, per_frame: int, height: int, width: int, patch
     x = torch.randint(r, width - r, (n_frames, n_candidates), generator=generator, device=device)
     y = torch.randint(r, height - r, (n_frames, n_candidates), generator=generator, device=device)
     if score is not None:
-        s = score.reshape(n_frames, -1).gather(1, (y * width + x).to(score.device))
-        keep = s.argsort(dim=1, descending=True)[:, :per_frame].to(x.device)
+        x, y = x.to(score.device), y.to(score.device)
+        s = score.reshape(n_frames, -1).gather(1, y * width + x)
+        keep = s.argsort(dim=1, descending=True)[:, :per_frame]
         x, y = x.gather(1, keep), y.gather(1, keep)
     return torch.stack([x, y], dim=-1)
 
 
+def per_clip(centres: torch.Tensor, batch: int) -> torch.Tensor:
+    """Centres (B, N, p, 2) of ``batch`` clips: ``centres`` as given if per clip, else the shared (N, p, 2)
+    expanded (a view)."""
+    if centres.dim() == 4:
+        if centres.shape[0] != batch:
+            raise ValueError(f"centres: expected {batch} clips (B, N, p, 2), got shape {tuple(centres.shape)}")
+        return centres
+    if centres.dim() != 3:
+        raise ValueError(f"centres: expected (B, N, p, 2) or shared (N, p, 2), got shape {tuple(centres.shape)}")
+    return centres.expand(batch, -1, -1, -1)
+
+
 def gather_patches(fmap: torch.Tensor, centres: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Feature squares around centres: fmap (B, N, C, h, w), centres (N, p, 2) -> (B, N*p, C, P, P)."""
+    """Feature squares around centres: fmap (B, N, C, h, w), centres (B, N, p, 2) or shared (N, p, 2)
+    -> (B, N*p, C, P, P)."""
     B, N, C, h, w = fmap.shape
-    p = centres.shape[1]
+    centres = per_clip(centres.to(fmap.device), B)
+    p = centres.shape[2]
     r = patch_size // 2
     offsets = torch.arange(-r, r + 1, device=fmap.device)
-    xs = centres[..., 0, None, None].to(fmap.device) + offsets.view(1, 1, 1, -1)     # (N, p, 1, P)
-    ys = centres[..., 1, None, None].to(fmap.device) + offsets.view(1, 1, -1, 1)     # (N, p, P, 1)
-    frame = torch.arange(N, device=fmap.device).view(N, 1, 1, 1)
-    flat = (frame * h * w + ys * w + xs).reshape(-1)                                   # (N*p*P*P,)
-    values = fmap.permute(0, 1, 3, 4, 2).reshape(B, N * h * w, C).index_select(1, flat)
+    xs = centres[..., 0, None, None] + offsets.view(1, 1, 1, 1, -1)                   # (B, N, p, 1, P)
+    ys = centres[..., 1, None, None] + offsets.view(1, 1, 1, -1, 1)                   # (B, N, p, P, 1)
+    frame = torch.arange(N, device=fmap.device).view(1, N, 1, 1, 1)
+    flat = (frame * h * w + ys * w + xs).reshape(B, -1, 1)                             # (B, N*p*P*P, 1)
+    values = fmap.permute(0, 1, 3, 4, 2).reshape(B, N * h * w, C).gather(1, flat.expand(-1, -1, C))
     return values.reshape(B, N * p, patch_size, patch_size, C).permute(0, 1, 4, 2, 3)
 
 
 def patch_grid(centres: torch.Tensor, patch_size: int, inverse_depth: torch.Tensor) -> torch.Tensor:
-    """Pixel grids ``(u, v, d)`` (B, M, 3, P, P) of patches with centres (N, p, 2) and inverse depths (B, M)."""
+    """Pixel grids ``(u, v, d)`` (B, M, 3, P, P) of patches with centres (B, N, p, 2) or shared (N, p, 2)
+    and inverse depths (B, M)."""
     r = patch_size // 2
     offsets = torch.arange(-r, r + 1, device=inverse_depth.device, dtype=inverse_depth.dtype)
-    c = centres.reshape(-1, 2).to(inverse_depth)
-    M = c.shape[0]
-    u = (c[:, 0, None, None] + offsets.view(1, 1, -1)).expand(M, patch_size, patch_size)
-    v = (c[:, 1, None, None] + offsets.view(1, -1, 1)).expand(M, patch_size, patch_size)
     B = inverse_depth.shape[0]
+    c = per_clip(centres, B).reshape(B, -1, 2).to(inverse_depth)                      # (B, M, 2)
+    M = c.shape[1]
+    u = (c[..., 0, None, None] + offsets.view(1, 1, 1, -1)).expand(B, M, patch_size, patch_size)
+    v = (c[..., 1, None, None] + offsets.view(1, 1, -1, 1)).expand(B, M, patch_size, patch_size)
     d = inverse_depth[:, :, None, None].expand(B, M, patch_size, patch_size)
-    return torch.stack([u.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1), d], dim=2)
+    return torch.stack([u, v, d], dim=2)

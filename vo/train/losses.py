@@ -29,6 +29,7 @@ from ba_layer import lie, projective
 from vo.config import dataclass_from_section
 from vo.model.encoders import FEATURE_STRIDE
 from vo.model.graph import PatchGraph
+from vo.model.patches import per_clip
 
 #: Upper bound on the scale that aligns predicted to true translations (DPVO uses 10).
 MAX_ALIGNMENT_SCALE = 10.0
@@ -50,35 +51,36 @@ def ground_truth_inverse_depth(depths: torch.Tensor, depth_valid: torch.Tensor, 
     Args:
         depths: (B, N, H, W) metric (or normalised) depth, any value where invalid.
         depth_valid: (B, N, H, W) bool.
-        centres: (N, p, 2) integer patch centres in feature pixels.
+        centres: (B, N, p, 2) integer patch centres of each clip in feature pixels (or (N, p, 2) shared).
     """
     B, N, H, W = depths.shape
+    centres = per_clip(centres.to(depths.device), B)
+    p = centres.shape[2]
     r = patch_size // 2
     offsets = torch.arange(-r, r + 1, device=depths.device)
-    cx = centres[..., 0].to(depths.device)
-    cy = centres[..., 1].to(depths.device)
-    fx = cx[..., None, None] + offsets.view(1, 1, 1, -1)          # (N, p, 1, P)
-    fy = cy[..., None, None] + offsets.view(1, 1, -1, 1)          # (N, p, P, 1)
-    frame = torch.arange(N, device=depths.device).view(N, 1, 1, 1)
+    fx = centres[..., 0, None, None] + offsets.view(1, 1, 1, 1, -1)          # (B, N, p, 1, P)
+    fy = centres[..., 1, None, None] + offsets.view(1, 1, 1, -1, 1)          # (B, N, p, P, 1)
+    frame = torch.arange(N, device=depths.device).view(1, N, 1, 1, 1)
     total = 0.0
     all_valid = True
     for dy in (1, 2):
         for dx in (1, 2):
             px = (FEATURE_STRIDE * fx + dx).clamp(0, W - 1)
             py = (FEATURE_STRIDE * fy + dy).clamp(0, H - 1)
-            flat = (frame * H * W + py * W + px).reshape(-1)
-            z = depths.reshape(B, -1).index_select(1, flat)
-            ok = depth_valid.reshape(B, -1).index_select(1, flat) & torch.isfinite(z) & (z > 0)
+            flat = (frame * H * W + py * W + px).reshape(B, -1)
+            z = depths.reshape(B, -1).gather(1, flat)
+            ok = depth_valid.reshape(B, -1).gather(1, flat) & torch.isfinite(z) & (z > 0)
             total = total + torch.where(ok, 1.0 / torch.where(ok, z, torch.ones_like(z)), torch.zeros_like(z))
             all_valid = all_valid & ok
     inv = torch.where(all_valid, total / 4.0, torch.zeros_like(total))
-    p = centres.shape[1]
     return inv.reshape(B, N * p, patch_size, patch_size)
 
 
 def ground_truth_coords(T_wc_gt: torch.Tensor, centres: torch.Tensor, gt_inverse_depth: torch.Tensor,
                         intrinsics: torch.Tensor, graph: PatchGraph):
-    """True reprojections (B, E, P, P, 2) and their validity (B, E, P, P) of the graph's patches."""
+    """True reprojections (B, E, P, P, 2) and their validity (B, E, P, P) of the graph's patches.
+
+    ``centres`` (B, N, p, 2) (or (N, p, 2) shared), ``gt_inverse_depth`` (B, M, P, P)."""
     P = gt_inverse_depth.shape[-1]
     grid = _grid_with_depth(centres, P, gt_inverse_depth)
     out = projective.transform(T_wc_gt, grid, intrinsics, graph.ii, graph.jj, graph.kk)
@@ -88,11 +90,11 @@ def ground_truth_coords(T_wc_gt: torch.Tensor, centres: torch.Tensor, gt_inverse
 def _grid_with_depth(centres: torch.Tensor, P: int, inverse_depth: torch.Tensor) -> torch.Tensor:
     r = P // 2
     offsets = torch.arange(-r, r + 1, device=inverse_depth.device, dtype=inverse_depth.dtype)
-    c = centres.reshape(-1, 2).to(inverse_depth)
-    M = c.shape[0]
     B = inverse_depth.shape[0]
-    u = (c[:, 0, None, None] + offsets.view(1, 1, -1)).expand(B, M, P, P)
-    v = (c[:, 1, None, None] + offsets.view(1, -1, 1)).expand(B, M, P, P)
+    c = per_clip(centres, B).reshape(B, -1, 2).to(inverse_depth)                  # (B, M, 2)
+    M = c.shape[1]
+    u = (c[..., 0, None, None] + offsets.view(1, 1, 1, -1)).expand(B, M, P, P)
+    v = (c[..., 1, None, None] + offsets.view(1, 1, -1, 1)).expand(B, M, P, P)
     return torch.stack([u, v, inverse_depth], dim=2)
 
 
@@ -134,15 +136,22 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * m).sum() / m.sum().clamp_min(1.0)
 
 
+def clip_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the clips of each clip's :func:`masked_mean` of ``x`` (B, ...) over ``mask``: every clip of a
+    batch weighs the same, so a batch's loss is the mean of its clips' losses (what each alone would give)."""
+    m = mask.to(x.dtype).flatten(1)
+    return ((x.flatten(1) * m).sum(1) / m.sum(1).clamp_min(1.0)).mean()
+
+
 def flow_objective(coords, coords_gt, valid, edge_mask, weights: Optional[torch.Tensor] = None):
-    """Mean per-edge error over the valid edges of ``edge_mask`` (E,).
+    """Mean per-edge error over the valid edges of ``edge_mask`` (E,), per clip, then over the clips.
 
     ``weights=None`` gives DPVO's flow loss; the detached BA weights give V2V's
     weighted objective.  Returns ``(loss, per-edge errors (B, E'), valid (B, E'))``.
     """
     e, ok = edge_errors(coords[:, edge_mask], coords_gt[:, edge_mask], valid[:, edge_mask],
                         None if weights is None else weights[:, edge_mask])
-    return masked_mean(e, ok), e, ok
+    return clip_mean(e, ok), e, ok
 
 
 def alignment_scale(centres_pred: torch.Tensor, centres_gt: torch.Tensor, detach: bool = True) -> torch.Tensor:
@@ -229,7 +238,10 @@ class LossConfig:
 
 @dataclass
 class LossTerms:
-    """Unweighted sums over updates; ``total`` combines them with the coefficients."""
+    """Unweighted sums over updates; ``total`` combines them with the coefficients.
+
+    ``metrics`` holds detached 0-dim tensors on the loss's device: read them together (one transfer), not one
+    by one."""
 
     flow: torch.Tensor            # the chosen flow objective (flow or weighted), summed over updates
     translation: torch.Tensor     # pose translation error, summed over updates >= pose_from_iter
@@ -271,13 +283,14 @@ def training_loss(output, T_wc_gt: torch.Tensor, depths: torch.Tensor, depth_val
     last = output.final
     e_plain, ok_plain = edge_errors(last.coords[:, edges], coords_gt[:, edges], (valid_gt & last.valid)[:, edges])
     pe = pose_errors(last.T_wc.detach(), T_wc_gt)
+    e_plain = e_plain.detach()
     metrics.update({
-        "flow_error_px": float(masked_mean(e_plain.detach(), ok_plain)),
-        "px_within_0.25": float(masked_mean((e_plain < 0.25).to(e_plain.dtype), ok_plain)),
-        "valid_edge_fraction": float(ok_plain.to(torch.float32).mean()),
-        "translation_error": float(pe.translation.mean()),
-        "rotation_error_deg": float(torch.rad2deg(pe.rotation.mean())),
-        "alignment_scale": float(pe.scale.mean()),
+        "flow_error_px": clip_mean(e_plain, ok_plain),
+        "px_within_0.25": clip_mean((e_plain < 0.25).to(e_plain.dtype), ok_plain),
+        "valid_edge_fraction": ok_plain.to(torch.float32).mean(),
+        "translation_error": pe.translation.mean(),
+        "rotation_error_deg": torch.rad2deg(pe.rotation.mean()),
+        "alignment_scale": pe.scale.mean(),
     })
     pose = cfg.pose_weight * (translation + rotation_coeff * rotation)
     total = flow_coeff * cfg.flow_weight * flow + (0.0 if structure_only else pose)
