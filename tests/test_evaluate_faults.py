@@ -31,6 +31,7 @@ import pytest
 import torch
 
 from ba_layer import lie
+from vo.eval import metrics
 from vo.eval.results import safe_name
 from vo.eval.tum_files import read_tum
 
@@ -134,7 +135,6 @@ def test_item4_bad_ground_truth_fails_its_sequence_with_the_file_and_the_others_
     ts, T = read_tum(out / safe_name(GOOD) / "classical.txt")
     ref_ts, ref_T = read_tum(out / safe_name(GOOD) / "groundtruth.txt")
     assert np.array_equal(ref_ts, gt_ts) and np.allclose(ref_T[:, :3], gt_T[:, :3], atol=1e-9)
-    from vo.eval import metrics
     assert good["ate_rmse"] == pytest.approx(metrics.ate(ts, T, ref_ts, ref_T, align="sim3")["rmse"], rel=1e-12)
     assert math.isfinite(good["ate_rmse"])
     # the table has one row per case, the failures saying "failed" and why
