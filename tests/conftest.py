@@ -3,8 +3,10 @@ the environment of child processes."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,38 @@ def kitti_root() -> Path:
 @pytest.fixture
 def euroc_root() -> Path:
     return shared_data("euroc/V1_01_easy_head")
+
+
+def pytest_configure(config):
+    """Each test session gets its own temporary root.  pytest's default root (``/tmp/pytest-of-<user>``) is
+    shared by every session of a user, and each session deletes all but the newest few run folders in it: a
+    second suite started beside this one deleted the folders of this one's running tests.  A fresh root per
+    session is removed when the session passes and kept (its path printed) when it fails."""
+    if config.option.basetemp is None and not hasattr(config, "workerinput"):
+        config.option.basetemp = tempfile.mkdtemp(prefix="veracity-pytest-")
+        config._veracity_basetemp = config.option.basetemp
+
+
+def pytest_unconfigure(config):
+    root = getattr(config, "_veracity_basetemp", None)
+    if root is None:
+        return
+    if getattr(config, "_veracity_failed", False):
+        print(f"\nveracity: the failed session's temporary files are kept in {root}")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def pytest_runtest_logreport(report):
+    if report.failed:
+        _SESSION_STATE["failed"] = True
+
+
+_SESSION_STATE = {"failed": False}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config._veracity_failed = bool(exitstatus) or _SESSION_STATE["failed"]
 
 
 def pytest_addoption(parser):
