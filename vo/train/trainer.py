@@ -1,10 +1,22 @@
-"""The training loop: data order, optimisation, checkpoints, resume, logging, validation.
+"""The training loop: optimisation, checkpoints, resume, logging, validation.
 
-``train.py`` builds the data sets and calls :func:`train`.  Everything random
-in a step (augmentation, patch selection, initial depths) is drawn from a
-generator determined by ``(seed, step, rank)``, and the clip of a step is a
-function of ``(seed, step, rank)`` too, so a run resumed from a checkpoint
-reproduces the uninterrupted run exactly on the CPU.
+``train.py`` builds the data sets and runs a :class:`Trainer`.  Everything
+random in a step (augmentation, patch selection, initial depths) is drawn from
+generators determined by ``(seed, step, rank)`` (one per clip of the batch),
+and the clips of a step are a function of ``(seed, step, rank)`` too
+(:mod:`vo.train.loader`), so a run resumed from a checkpoint reproduces the
+uninterrupted run exactly on the CPU.
+
+Mixed precision (``train.amp``): the networks run under autocast, bfloat16
+where the device has it (CPU autocast emulates it on the CPU), else float16
+with a gradient scaler; the model keeps its geometry in float32
+(:mod:`vo.model.precision`).
+
+A step reads nothing back to the host until its end, where one transfer brings
+the finiteness of the gradients (the step is taken or skipped), the loss terms
+and the logged scalars together.  ``VERACITY_DEBUG_CHECKS=1`` turns on checks
+that read values back earlier (the network's per-update finiteness, and which
+parameters have non-finite gradients).
 """
 from __future__ import annotations
 
@@ -20,10 +32,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vo.config import Config, dataclass_from_section, save_config
 from vo.instrument.dashboards import Instrument
-from vo.model.network import VONet
+from vo.model.network import VONet, debug_checks
+from vo.model.precision import autocast_dtype, needs_grad_scaler
 from vo.train.balancing import AdaptiveBalancer
 from vo.train.checkpoint import CHECKPOINT_VERSION, atomic_save, load_checkpoint, rng_state, set_rng_state
 from vo.train.distributed import DistInfo, step_generator
+from vo.train.loader import clip_index, collate, step_loader  # noqa: F401  (clip_index, collate: re-exported)
 from vo.train.losses import LossConfig, training_loss
 from vo.train.validation import validate
 
@@ -38,7 +52,8 @@ class TrainConfig:
     weight_decay: float = 1e-6
     clip_grad: float = 10.0
     pct_start: float = 0.05          # OneCycle warm-up fraction
-    amp: bool = False                # mixed precision, CUDA only
+    amp: bool = False                # mixed precision: bf16 autocast around the networks (fp16 + scaler on GPUs
+                                     # without bf16; CPU: bf16 autocast emulates it)
     iters: int = 8                   # updates per clip
     structure_only_steps: int = 0    # poses fixed to the truth for the first steps (DPVO: 1000)
     checkpoint_every: int = 200
@@ -53,27 +68,10 @@ class TrainConfig:
         return dataclass_from_section(cls, d, "train")
 
 
-def clip_index(step: int, rank: int, world_size: int, batch_size: int, n_clips: int,
-               seed: int) -> tuple[int, list[int]]:
-    """Epoch and clip indices of one rank's batch at ``step``: epochs are seeded permutations split over ranks.
-
-    Like a ``DistributedSampler`` with ``set_epoch``, but a pure function of
-    the step, so a resumed run continues mid-epoch with the same clips.
-    """
-    per_step = world_size * batch_size
-    steps_per_epoch = max(1, n_clips // per_step)
-    epoch, pos = divmod(step, steps_per_epoch)
-    perm = torch.randperm(n_clips, generator=torch.Generator().manual_seed(seed * 65_537 + epoch))
-    start = pos * per_step + rank * batch_size
-    return epoch, [int(perm[(start + b) % n_clips]) for b in range(batch_size)]
-
-
-def collate(items: list[dict]) -> dict:
-    out = {}
-    for key in items[0]:
-        values = [it[key] for it in items]
-        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
-    return out
+def clip_generators(seed: int, step: int, rank: int, batch_size: int) -> list[torch.Generator]:
+    """The random sources of a step's clips: clip ``b`` of rank ``r`` draws from the generator of sample slot
+    ``r * batch_size + b`` (:func:`~vo.train.distributed.step_generator`; with one clip per rank, the rank's)."""
+    return [step_generator(seed, step, rank * batch_size + b, "cpu") for b in range(batch_size)]
 
 
 class Trainer:
@@ -104,8 +102,10 @@ class Trainer:
             anneal_strategy="linear")
         self.balancer = AdaptiveBalancer(every=self.loss_cfg.balance_every, window=self.loss_cfg.balance_window,
                                          clamp=self.loss_cfg.balance_clamp, enabled=self.loss_cfg.balancing)
-        self.use_amp = bool(tc.amp) and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.amp_dtype = autocast_dtype(self.device, bool(tc.amp))     # None: full precision
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=needs_grad_scaler(self.amp_dtype))
+        self._loader = None                  # the data loader's iterator, and the step its next batch is for
+        self._loader_step = -1
         self.step = 0
         self.skipped_steps = 0
         self.history: list[dict] = []
@@ -151,13 +151,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _batch(self, step: int) -> dict:
-        """The step's clips; the data set draws its augmentation from (its seed, the epoch, the index)."""
-        epoch, idx = clip_index(step, self.dist.rank, self.dist.world_size, self.train_cfg.batch_size,
-                                len(self.dataset), self.seed)
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-        items = [self.dataset[i] for i in idx]
-        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in collate(items).items()}
+        """The step's clips (a batch from the data loader, started again wherever the step does not follow on)."""
+        tc = self.train_cfg
+        if self._loader is None or self._loader_step != step:
+            self._loader = iter(step_loader(self.dataset, step, batch_size=tc.batch_size, rank=self.dist.rank,
+                                            world_size=self.dist.world_size, seed=self.seed,
+                                            num_workers=tc.num_workers, pin_memory=self.device.type == "cuda"))
+        batch = next(self._loader)
+        self._loader_step = step + 1
+        non_blocking = self.device.type == "cuda"
+        return {k: v.to(self.device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
+
+    def close_loader(self) -> None:
+        """Stop the data loader's workers."""
+        self._loader = None
+        self._loader_step = -1
 
     def train_step(self) -> dict:
         tc = self.train_cfg
@@ -165,19 +174,22 @@ class Trainer:
         batch = self._batch(step)
         structure_only = step < tc.structure_only_steps
         model = self.ddp if self.ddp is not None else self.model
-        g = step_generator(self.seed, step, self.dist.rank, "cpu")
+        generators = clip_generators(self.seed, step, self.dist.rank, batch["images"].shape[0])
         T_gt = batch["T_wc"].to(torch.float32)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
-        with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp):
+        # the networks under autocast; the model runs its geometry (and the loss below) in float32
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             output = model(batch["images"], batch["intrinsics"].to(torch.float32), iters=tc.iters,
-                           T_wc_init=T_gt if structure_only else None, structure_only=structure_only, generator=g)
+                           T_wc_init=T_gt if structure_only else None, structure_only=structure_only,
+                           generator=generators)
         terms = training_loss(output, T_gt, batch["depths"], batch["depth_valid"], self.loss_cfg,
                               self.balancer.flow_coeff, self.balancer.rotation_coeff, structure_only)
-        record = {"step": step, "loss": float(terms.total.detach()), "flow": float(terms.flow.detach()),
-                  "translation": float(terms.translation.detach()), "rotation": float(terms.rotation.detach()),
-                  **{f"metrics/{k}": v for k, v in terms.metrics.items()}}
+        # scalars stay on the device until the one read at the end of the step
+        scalars = {"loss": terms.total, "flow": terms.flow, "translation": terms.translation,
+                   "rotation": terms.rotation, **{f"metrics/{k}": v for k, v in terms.metrics.items()}}
+        record = {"step": step}
         if self.balancer.due(step) and not structure_only:
             probe = self.model.update.probe_layers["recurrent"]
             lc = self.loss_cfg
@@ -192,28 +204,30 @@ class Trainer:
             record.update(self.instrument.after_backward(self, step, output))
         # --- end of instrumentation ---
         self.scaler.unscale_(self.optimizer)
-        finite = torch.tensor([float(all(p.grad is None or bool(torch.isfinite(p.grad).all())
-                                         for p in self.model.parameters()))], device=self.device)
+        finite = gradients_finite(self.model.parameters(), self.device)
         if self.dist.distributed:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_grad)
-        if bool(finite.item()):
+        scalars["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_grad)
+        scalars.update(_ba_summary(output, self.device))
+        values = read_scalars({"finite": finite, **scalars})          # the step's one read back to the host
+        if values.pop("finite") > 0:
             self.scaler.step(self.optimizer)
         else:
+            if debug_checks():
+                print(f"step {step}: non-finite gradients in {nonfinite_gradients(self.model)}", flush=True)
             self.skipped_steps += 1
             self.optimizer.zero_grad(set_to_none=True)
         self.scaler.update()
         self.scheduler.step()
+        record.update(values)
         record.update({
             "lr": self.scheduler.get_last_lr()[0],
-            "grad_norm": float(grad_norm),
             "skipped_steps": self.skipped_steps,
             "step_time_s": time.perf_counter() - t0,
             "coeff/flow": self.balancer.flow_coeff,
             "coeff/rotation": self.balancer.rotation_coeff,
             "structure_only": structure_only,
         })
-        record.update(_ba_summary(output))
         self._last_output = output
         self._last_batch = batch
         self.step += 1
@@ -237,6 +251,7 @@ class Trainer:
                 self._validate()
             if tc.checkpoint_every > 0 and self.step % tc.checkpoint_every == 0 and self.step < tc.steps:
                 self.save(f"step_{self.step:06d}.pt")
+        self.close_loader()
         if self.val_clips and tc.val_every > 0 and self.step % tc.val_every != 0:
             self._validate()
         self.save("final.pt")
@@ -258,7 +273,11 @@ class Trainer:
         if any(not torch.equal(g, gathered[0]) for g in gathered):
             raise RuntimeError(f"DDP ranks disagree on the parameters after {self.step} steps: {gathered}")
 
-    def _validate(self) -> dict:
+    def _validate(self) -> Optional[dict]:
+        """Validation on rank 0 only (the others go on to the next step and wait for it in its gradient
+        reduction): every rank holds the same parameters, so the other ranks would repeat its work."""
+        if not self.dist.is_main:
+            return None
         result = validate(self.model, self.val_clips, self.train_cfg.val_iters, self.device, self.seed)
         if self.logger is not None and self.dist.is_main:
             self.logger.log_validation(self.step, result)
@@ -266,8 +285,9 @@ class Trainer:
         return result
 
 
-def _ba_summary(output) -> dict:
-    """Scalars of the BA status of the last update: cost before/after, failures."""
+def _ba_summary(output, device: torch.device) -> dict:
+    """Scalars (0-dim tensors on ``device``) of the BA status of the last update: cost before/after, failures;
+    and the solver failures summed over every update."""
     status = output.final.ba_status
     out = {}
     for key in ("cost_before", "cost_after", "solver_failures", "valid_edges"):
@@ -276,10 +296,33 @@ def _ba_summary(output) -> dict:
             v = status.to_dict().get(key)
         if v is None:
             continue
-        v = torch.as_tensor(v, dtype=torch.float64)
-        out[f"ba/{key}"] = float(v.float().mean()) if v.numel() else math.nan
-    failures = sum(float(torch.as_tensor(getattr(s.ba_status, "solver_failures", 0)).sum())
-                   for s in output.steps)
-    out["ba/solver_failures_all_updates"] = failures
+        v = torch.as_tensor(v, dtype=torch.float64, device=device)
+        out[f"ba/{key}"] = v.float().mean() if v.numel() else torch.full((), math.nan, device=device)
+    failures = [torch.as_tensor(getattr(s.ba_status, "solver_failures", 0), dtype=torch.float64, device=device).sum()
+                for s in output.steps]
+    out["ba/solver_failures_all_updates"] = torch.stack(failures).sum() if failures else torch.zeros((), device=device)
     return out
 
+
+def gradients_finite(parameters, device: torch.device) -> torch.Tensor:
+    """1.0 if every gradient is finite, else 0.0: a 0-dim float tensor on ``device`` (one fused check, nothing
+    read back to the host)."""
+    checks = [p.grad.isfinite().all() for p in parameters if p.grad is not None]
+    if not checks:
+        return torch.ones((), device=device)
+    return torch.stack(checks).all().to(torch.float32)
+
+
+def nonfinite_gradients(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters whose gradient has a non-finite value (debug: reads every check back)."""
+    return [n for n, p in model.named_parameters() if p.grad is not None and not bool(p.grad.isfinite().all())]
+
+
+def read_scalars(scalars: dict) -> dict:
+    """Python floats of 0-dim tensors (one device-to-host transfer for all of them); other values as given."""
+    keys = [k for k, v in scalars.items() if isinstance(v, torch.Tensor)]
+    out = dict(scalars)
+    if keys:
+        stacked = torch.stack([scalars[k].detach().reshape(()).to(torch.float64) for k in keys])
+        out.update(zip(keys, stacked.tolist()))
+    return out
