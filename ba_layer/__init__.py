@@ -51,9 +51,16 @@ Units
     radians for angles unless a name ends in ``_deg``.
 """
 from . import lie, projective, scatter  # noqa: F401
+from .ba import BackwardMode, BAResult, BAStatus, BundleAdjustment, bundle_adjust  # noqa: F401
 from .lie import pose_tensor, relative_pose, retract, to_lietensor  # noqa: F401
+from .minimal_solvers import (  # noqa: F401
+    RansacResult,
+    decompose_essential,
+    eight_point,
+    kabsch,
+    relative_pose_ransac,
+    sampson_distance,
+    umeyama,
+)
 from .projective import backproject, project, transform  # noqa: F401
 from .scatter import scatter_max, scatter_mean, scatter_softmax, scatter_sum  # noqa: F401
-from .ba import BAResult, BAStatus, BackwardMode, BundleAdjustment, bundle_adjust  # noqa: F401,E402
-from .minimal_solvers import (  # noqa: F401,E402
-    RansacResult, decompose_essential, eight_point, kabsch, relative_pose_ransac, sampson_distance, umeyama)

@@ -111,8 +111,17 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import lie
-from .ba_linearize import (MASK_REASONS, EdgeData, Linearization, detach, edge_data, frame_pairs, linearize,
-                           reprojection_change, select)
+from .ba_linearize import (
+    MASK_REASONS,
+    EdgeData,
+    Linearization,
+    detach,
+    edge_data,
+    frame_pairs,
+    linearize,
+    reprojection_change,
+    select,
+)
 from .schur import DAMPING_FLOOR, MODES, assemble, factor, schur_solve, solve_dense
 
 #: Edges whose residual norm exceeds this (pixels) are masked (DPVO uses the same).

@@ -54,7 +54,8 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Optional, Sequence as Seq, Union
+from typing import Optional, Union
+from typing import Sequence as Seq
 
 import numpy as np
 import torch

@@ -45,8 +45,18 @@ import torch
 
 from ba_layer import lie
 
-from .base import (DataError, Problems, Sequence, Undistorter, check_increasing, warn_frames,
-                   parse_floats, read_rows, read_undistorted, scale_intrinsics)
+from .base import (
+    DataError,
+    Problems,
+    Sequence,
+    Undistorter,
+    check_increasing,
+    parse_floats,
+    read_rows,
+    read_undistorted,
+    scale_intrinsics,
+    warn_frames,
+)
 
 #: Default largest |t_image - t_groundtruth| for an association, seconds.
 EUROC_MAX_TIME_DIFF_S = 0.005

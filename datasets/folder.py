@@ -21,8 +21,18 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .base import (DataError, Problems, Sequence, Undistorter, check_increasing, parse_floats,
-                   read_image, read_rows, read_undistorted, scale_intrinsics)
+from .base import (
+    DataError,
+    Problems,
+    Sequence,
+    Undistorter,
+    check_increasing,
+    parse_floats,
+    read_image,
+    read_rows,
+    read_undistorted,
+    scale_intrinsics,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
 #: Numbers in a calibration file: fx fy cx cy, optionally k1 k2 p1 p2 or k1 k2 p1 p2 k3.

@@ -57,7 +57,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence as Seq
+from typing import Optional
+from typing import Sequence as Seq
 
 import numpy as np
 import torch
@@ -283,8 +284,8 @@ def generate(out: Path, config: SyntheticConfig = DEFAULT_CONFIG, splits: Seq[st
     Scenes are independent: with ``workers > 1`` (default :func:`default_workers`) they are rendered in that
     many processes (``spawn``), each with one torch thread.  The output does not depend on ``workers``.
     """
-    from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -39,8 +39,19 @@ import torch
 
 from ba_layer import lie
 
-from .base import (DataError, Problems, Sequence, Undistorter, check_increasing, warn_frames,
-                   parse_floats, read_image, read_rows, read_undistorted, scale_intrinsics)
+from .base import (
+    DataError,
+    Problems,
+    Sequence,
+    Undistorter,
+    check_increasing,
+    parse_floats,
+    read_image,
+    read_rows,
+    read_undistorted,
+    scale_intrinsics,
+    warn_frames,
+)
 
 #: Default largest timestamp difference of an association, seconds (TUM's associate.py default).
 TUM_MAX_TIME_DIFF_S = 0.02
