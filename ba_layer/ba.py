@@ -110,7 +110,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from . import lie
+from . import lie, projective
 from .ba_linearize import (
     MASK_REASONS,
     EdgeData,
@@ -301,14 +301,8 @@ class _Config:
         return self.mode != "motion"
 
     def edges(self, patches, intrinsics, targets, weights) -> EdgeData:
-        return edge_data(patch_centres(patches)[..., :2], intrinsics, self.ii, self.jj, self.kk, targets,
+        return edge_data(projective.patch_centres(patches)[..., :2], intrinsics, self.ii, self.jj, self.kk, targets,
                          weights, self.image_size, self.margin_px, self.max_residual_px, self.pairs)
-
-
-def patch_centres(patches: torch.Tensor) -> torch.Tensor:
-    """``(u, v, d)`` of each patch's centre pixel: (B, M, 3, P, P) -> (B, M, 3)."""
-    c = patches.shape[-1] // 2
-    return patches[:, :, :, c, c]
 
 
 # ------------------------------------------------------------------ input checks
@@ -403,41 +397,11 @@ def _solve(neq, lam: torch.Tensor, cfg: _Config):
     return x_p, x_d, lam_try, failures, failed
 
 
-def retract_poses(T: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
-    """``T * Exp(xi)`` for poses (..., 7) and tangents ``[rho, phi]`` (..., 6).
-
-    The same map as :func:`ba_layer.lie.retract` (a test holds values and
-    gradients equal) in about a seventh of the torch operations: it runs at
-    every LM iteration, where the per-operation overhead dominates.
-    """
-    rho, phi = xi[..., :3], xi[..., 3:]
-    th2 = (phi * phi).sum(-1, keepdim=True)
-    small = th2 < lie.SMALL_ANGLE_SQ
-    t2 = torch.where(small, torch.ones_like(th2), th2)
-    th = t2.sqrt()
-    sh, ch = torch.sin(0.5 * th), torch.cos(0.5 * th)
-    a = torch.where(small, 0.5 - th2 / 48, sh / th)                     # sin(t/2) / t
-    qw = torch.where(small, 1 - th2 / 8, ch)                            # cos(t/2)
-    b = torch.where(small, 0.5 - th2 / 24, 2 * sh * sh / t2)            # (1 - cos t) / t^2
-    c = torch.where(small, 1.0 / 6 - th2 / 120, (th - 2 * sh * ch) / (t2 * th))   # (t - sin t) / t^3
-    pr = torch.linalg.cross(phi, rho, dim=-1)
-    V_rho = rho + b * pr + c * torch.linalg.cross(phi, pr, dim=-1)
-    q = T[..., 3:] / T[..., 3:].norm(dim=-1, keepdim=True)
-    u, w = q[..., :3], q[..., 3:]
-    dv, dw = a * phi, qw
-    # Hamilton product q * dq, and the translation t + R(q) V rho
-    q_new = torch.cat([w * dv + dw * u + torch.linalg.cross(u, dv, dim=-1), w * dw - (u * dv).sum(-1, keepdim=True)],
-                      dim=-1)
-    uv = torch.linalg.cross(u, V_rho, dim=-1)
-    t_new = T[..., :3] + V_rho + 2.0 * (w * uv + torch.linalg.cross(u, uv, dim=-1))
-    return torch.cat([t_new, q_new / q_new.norm(dim=-1, keepdim=True)], dim=-1)
-
-
 def _retract(T: torch.Tensor, d: torch.Tensor, x_p, x_d, cfg: _Config):
     """Candidate state ``T * Exp(x_p)`` (free poses) and ``max(d + x_d, MIN_INVERSE_DEPTH)``."""
     if x_p is not None:
         B = T.shape[0]
-        T_free = retract_poses(T[:, cfg.fixed:], x_p.view(B, -1, 6))
+        T_free = lie.retract(T[:, cfg.fixed:], x_p.view(B, -1, 6))
         T = torch.cat([T[:, :cfg.fixed], T_free], dim=1)
     if x_d is not None:
         d = (d + x_d).clamp_min(MIN_INVERSE_DEPTH)
@@ -592,7 +556,7 @@ def _adjoint_rhs(cfg: _Config, T_free_star: torch.Tensor, d_star: torch.Tensor, 
         with torch.enable_grad():
             xi = torch.zeros(T_free_star.shape[:-1] + (6,), dtype=T_free_star.dtype, device=T_free_star.device,
                              requires_grad=True)
-            T_free = retract_poses(T_free_star, xi)
+            T_free = lie.retract(T_free_star, xi)
             g_T = torch.zeros_like(T_free) if g_T is None else g_T
             rhs.append(torch.autograd.grad(T_free, xi, g_T)[0].flatten(1) * keep)
     if cfg.solve_depths:
@@ -615,7 +579,7 @@ def _adjoint(cfg: _Config, T_wc, T_free_star, d_star, data, rhs: list, keep_grap
         xi = torch.zeros(B, T_free_star.shape[1], 6, dtype=T_wc.dtype, device=T_wc.device,
                          requires_grad=graph and cfg.solve_poses)
         dd = torch.zeros_like(d_star).requires_grad_(graph and cfg.solve_depths)
-        T_free = retract_poses(T_free_star, xi) if (graph and cfg.solve_poses) else T_free_star
+        T_free = lie.retract(T_free_star, xi) if (graph and cfg.solve_poses) else T_free_star
         T = torch.cat([T_wc[:, :cfg.fixed], T_free], dim=1)
         lin = linearize(T, d_star + dd if graph else d_star, data)
         F = x_vars = None
@@ -811,7 +775,7 @@ def bundle_adjust(T_wc: torch.Tensor, patches: torch.Tensor, intrinsics: torch.T
                   implicit_tol=float(IMPLICIT_CG_TOL[T_wc.dtype] if implicit_tol is None else implicit_tol),
                   implicit_max_steps=int(implicit_max_steps), pose_damping=float(pose_damping))
     lam = torch.full((B,), float(damping), dtype=T_wc.dtype, device=T_wc.device).clamp_min(cfg.min_damping)
-    d_in = patch_centres(patches)[..., 2]
+    d_in = projective.patch_centres(patches)[..., 2]
 
     if backward == BackwardMode.IMPLICIT:
         with torch.no_grad():

@@ -40,6 +40,7 @@ from typing import Optional
 
 import torch
 
+from . import lie
 from .projective import MAX_DEPTH_RATIO, MAX_PIXEL_MAGNITUDE, MIN_DEPTH_RATIO
 
 #: Reasons for which an edge is masked, in order of precedence.
@@ -183,44 +184,9 @@ def _inside(uv: torch.Tensor, bounds: tuple) -> torch.Tensor:
     return (u >= bounds[0]) & (v >= bounds[1]) & (u <= bounds[2]) & (v <= bounds[3])
 
 
-def _quaternion_products() -> torch.Tensor:
-    """(16, 9) coefficients with ``R.flatten() = (q q^T).flatten() @ C / |q|^2`` for ``q = [x y z w]``."""
-    C = torch.zeros(4, 4, 3, 3, dtype=torch.float64)
-    x, y, z, w = range(4)
-    for a, b, v in [(x, x, 1), (y, y, -1), (z, z, -1), (w, w, 1)]:
-        C[a, b, 0, 0] += v
-    for a, b, v in [(x, x, -1), (y, y, 1), (z, z, -1), (w, w, 1)]:
-        C[a, b, 1, 1] += v
-    for a, b, v in [(x, x, -1), (y, y, -1), (z, z, 1), (w, w, 1)]:
-        C[a, b, 2, 2] += v
-    for (r, c), terms in {(0, 1): [(x, y, 2), (w, z, -2)], (1, 0): [(x, y, 2), (w, z, 2)],
-                          (0, 2): [(x, z, 2), (w, y, 2)], (2, 0): [(x, z, 2), (w, y, -2)],
-                          (1, 2): [(y, z, 2), (w, x, -2)], (2, 1): [(y, z, 2), (w, x, 2)]}.items():
-        for a, b, v in terms:
-            C[a, b, r, c] += v
-    return C.reshape(16, 9)
-
-
-_QUAT_PRODUCTS = {}
-
-
-def rotation_matrices(q: torch.Tensor) -> torch.Tensor:
-    """Rotation matrices (..., 3, 3) of quaternions ``[qx qy qz qw]`` (..., 4), normalised on the fly.
-
-    The same matrices as :func:`ba_layer.lie.quaternion_to_matrix` in four torch
-    operations (the entries are quadratic forms of ``q`` over ``|q|^2``).
-    """
-    key = (q.dtype, q.device)
-    C = _QUAT_PRODUCTS.get(key)
-    if C is None:
-        C = _QUAT_PRODUCTS[key] = _quaternion_products().to(dtype=q.dtype, device=q.device)
-    outer = (q.unsqueeze(-1) * q.unsqueeze(-2)).flatten(-2)
-    return ((outer @ C) / (q * q).sum(-1, keepdim=True)).unflatten(-1, (3, 3))
-
-
 def relative_poses(T_wc: torch.Tensor, pair_i: torch.Tensor, pair_j: torch.Tensor):
     """``T_ji = T_wc[j]^-1 T_wc[i]`` of each pair as ``(R (B, P, 3, 3), t (B, P, 3))``."""
-    R = rotation_matrices(T_wc[..., 3:])
+    R = lie.quaternion_to_matrix(T_wc[..., 3:])
     t = T_wc[..., :3]
     R_jT = R.index_select(1, pair_j).transpose(-1, -2)
     t_ij = t.index_select(1, pair_i) - t.index_select(1, pair_j)
@@ -301,7 +267,7 @@ def reprojection_change(lin: Linearization, data: EdgeData, xi: torch.Tensor,
     B, E = lin.valid.shape
     u = lin.J_d.new_zeros(2, B, E)
     if xi is not None:
-        Ad = adjoint(lin.R_pair, lin.t_pair)                                         # (B, P, 6, 6)
+        Ad = lie.adjoint_of(lin.R_pair, lin.t_pair)                                       # (B, P, 6, 6)
         xi_i = xi.index_select(1, data.pair_i)
         moved = xi.index_select(1, data.pair_j) - (Ad @ xi_i.unsqueeze(-1)).squeeze(-1)   # (B, P, 6)
         moved = moved.permute(2, 0, 1).reshape(6 * B, -1).index_select(1, data.pair).view(6, B, E)
@@ -309,15 +275,6 @@ def reprojection_change(lin: Linearization, data: EdgeData, xi: torch.Tensor,
     if d_inverse_depth is not None:
         u = u + lin.J_d * d_inverse_depth.index_select(1, data.kk)
     return u
-
-
-def adjoint(R: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Adjoint (..., 6, 6) for tangents ``[rho, phi]`` of poses given as ``R (..., 3, 3), t (..., 3)``."""
-    zero = torch.zeros_like(t[..., 0])
-    tx = torch.stack([zero, -t[..., 2], t[..., 1], t[..., 2], zero, -t[..., 0], -t[..., 1], t[..., 0], zero],
-                     dim=-1).unflatten(-1, (3, 3))
-    top = torch.cat([R, tx @ R], dim=-1)
-    return torch.cat([top, torch.cat([torch.zeros_like(R), R], dim=-1)], dim=-2)
 
 
 def cross0(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -94,19 +94,47 @@ def quaternion_rotate(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return v + 2.0 * (w * uv + torch.cross(u, uv, dim=-1))
 
 
+def _rotation_coefficients() -> torch.Tensor:
+    """(16, 9) ``C`` with ``R(q).flatten() = (q q^T).flatten() @ C / |q|^2`` for ``q = [x y z w]``."""
+    C = torch.zeros(4, 4, 3, 3, dtype=torch.float64)
+    x, y, z, w = range(4)
+    for a, b, v in [(x, x, 1), (y, y, -1), (z, z, -1), (w, w, 1)]:
+        C[a, b, 0, 0] += v
+    for a, b, v in [(x, x, -1), (y, y, 1), (z, z, -1), (w, w, 1)]:
+        C[a, b, 1, 1] += v
+    for a, b, v in [(x, x, -1), (y, y, -1), (z, z, 1), (w, w, 1)]:
+        C[a, b, 2, 2] += v
+    for (r, c), terms in {(0, 1): [(x, y, 2), (w, z, -2)], (1, 0): [(x, y, 2), (w, z, 2)],
+                          (0, 2): [(x, z, 2), (w, y, 2)], (2, 0): [(x, z, 2), (w, y, -2)],
+                          (1, 2): [(y, z, 2), (w, x, -2)], (2, 1): [(y, z, 2), (w, x, 2)]}.items():
+        for a, b, v in terms:
+            C[a, b, r, c] += v
+    return C.reshape(16, 9)
+
+
+#: :func:`_rotation_coefficients` and the flattened identity, per (dtype, device).
+_ROTATION_COEFFICIENTS = {}
+
+
 def quaternion_to_matrix(q: torch.Tensor) -> torch.Tensor:
-    """Rotation matrices (..., 3, 3) of quaternions ``[qx qy qz qw]`` (..., 4), normalised first."""
+    """Rotation matrices (..., 3, 3) of quaternions ``[qx qy qz qw]`` (..., 4), normalised on the fly.
+
+    The entries are quadratic forms of ``q`` over ``|q|^2`` (``R_00 = (xx - yy - zz + ww) / |q|^2``
+    etc.), computed as one matrix product of the outer product ``q q^T``: a handful of torch
+    operations, as the BA layer needs at every iteration.  A zero quaternion gives the identity
+    (finite, never NaN).
+    """
     _check_last_dim(q, 4, "quaternion")
-    x, y, z, w = quaternion_normalize(q).unbind(-1)
-    xx, yy, zz = x * x, y * y, z * z
-    xy, xz, yz = x * y, x * z, y * z
-    wx, wy, wz = w * x, w * y, w * z
-    rows = [
-        1 - 2 * (yy + zz), 2 * (xy - wz), 2 * (xz + wy),
-        2 * (xy + wz), 1 - 2 * (xx + zz), 2 * (yz - wx),
-        2 * (xz - wy), 2 * (yz + wx), 1 - 2 * (xx + yy),
-    ]
-    return torch.stack(rows, dim=-1).reshape(q.shape[:-1] + (3, 3))
+    key = (q.dtype, q.device)
+    if key not in _ROTATION_COEFFICIENTS:
+        _ROTATION_COEFFICIENTS[key] = (_rotation_coefficients().to(dtype=q.dtype, device=q.device),
+                                       torch.eye(3, dtype=q.dtype, device=q.device).flatten())
+    C, eye = _ROTATION_COEFFICIENTS[key]
+    outer = (q.unsqueeze(-1) * q.unsqueeze(-2)).flatten(-2)
+    norm2 = (q * q).sum(-1, keepdim=True)
+    tiny = torch.finfo(q.dtype).tiny
+    R = torch.where(norm2 < tiny, eye, (outer @ C) / norm2.clamp_min(tiny))
+    return R.unflatten(-1, (3, 3))
 
 
 def matrix_to_quaternion(R: torch.Tensor) -> torch.Tensor:
@@ -234,8 +262,36 @@ def log(T: torch.Tensor) -> torch.Tensor:
 
 
 def retract(T_wc: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
-    """Right update ``T_wc * Exp(xi)``: ``xi`` (..., 6) is expressed in the camera frame."""
-    return compose(T_wc, exp(xi))
+    """Right update ``T_wc * Exp(xi)`` (..., 7): ``xi = [rho, phi]`` (..., 6) is expressed in the camera frame.
+
+    The same map as ``compose(T_wc, exp(xi))`` written out in closed form (a
+    seventh of the torch operations: the BA layer retracts at every
+    iteration, where the per-operation overhead dominates).  The quaternion of
+    ``T_wc`` is normalised first; gradients pass ``gradcheck`` at ``xi = 0``.
+    """
+    T_wc = pose_tensor(T_wc, "T_wc")
+    _check_last_dim(xi, 6, "xi", "[rho phi]")
+    rho, phi = xi[..., :3], xi[..., 3:]
+    th2 = (phi * phi).sum(-1, keepdim=True)
+    small = th2 < SMALL_ANGLE_SQ
+    t2 = torch.where(small, torch.ones_like(th2), th2)
+    th = t2.sqrt()
+    sh, ch = torch.sin(0.5 * th), torch.cos(0.5 * th)
+    a = torch.where(small, 0.5 - th2 / 48, sh / th)                     # sin(t/2) / t
+    qw = torch.where(small, 1 - th2 / 8, ch)                            # cos(t/2)
+    b = torch.where(small, 0.5 - th2 / 24, 2 * sh * sh / t2)            # (1 - cos t) / t^2
+    c = torch.where(small, 1.0 / 6 - th2 / 120, (th - 2 * sh * ch) / (t2 * th))   # (t - sin t) / t^3
+    pr = torch.linalg.cross(phi, rho, dim=-1)
+    V_rho = rho + b * pr + c * torch.linalg.cross(phi, pr, dim=-1)
+    q = quaternion_normalize(T_wc[..., 3:])
+    u, w = q[..., :3], q[..., 3:]
+    dv, dw = a * phi, qw
+    # Hamilton product q * dq, and the translation t + R(q) V rho
+    q_new = torch.cat([w * dv + dw * u + torch.linalg.cross(u, dv, dim=-1), w * dw - (u * dv).sum(-1, keepdim=True)],
+                      dim=-1)
+    uv = torch.linalg.cross(u, V_rho, dim=-1)
+    t_new = T_wc[..., :3] + V_rho + 2.0 * (w * uv + torch.linalg.cross(u, uv, dim=-1))
+    return torch.cat([t_new, quaternion_normalize(q_new)], dim=-1)
 
 
 def rotation_translation(T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,8 +321,15 @@ def to_matrix(T: torch.Tensor) -> torch.Tensor:
 
 
 def adjoint_matrix(T: torch.Tensor) -> torch.Tensor:
-    """Adjoint (..., 6, 6) for tangents ``[rho, phi]``: ``T Exp(xi) T^-1 == Exp(Ad(T) xi)``."""
-    R, t = rotation_translation(T)
+    """Adjoint (..., 6, 6) of poses (..., 7) for tangents ``[rho, phi]``: ``T Exp(xi) T^-1 == Exp(Ad(T) xi)``."""
+    return adjoint_of(*rotation_translation(T))
+
+
+def adjoint_of(R: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The adjoint of :func:`adjoint_matrix` from the pose's rotation ``R`` (..., 3, 3) and translation ``t`` (..., 3).
+
+    ``[[R, [t]x R], [0, R]]``.
+    """
     top = torch.cat([R, skew(t) @ R], dim=-1)
     bottom = torch.cat([torch.zeros_like(R), R], dim=-1)
     return torch.cat([top, bottom], dim=-2)
@@ -300,14 +363,6 @@ def sim3_act(S: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     """``s R X + t`` for Sim(3) elements (..., 8) and points (..., 3)."""
     S = pose_tensor(S, "S", size=SIM3_DIM)
     return S[..., 7:] * quaternion_rotate(S[..., 3:7], X) + S[..., :3]
-
-
-def sim3_apply_to_pose(S: torch.Tensor, T_wc: torch.Tensor) -> torch.Tensor:
-    """Map a camera pose through a similarity of the world: rotation ``R_S R``, centre ``S * c``."""
-    S = pose_tensor(S, "S", size=SIM3_DIM)
-    T_wc = pose_tensor(T_wc, "T_wc")
-    q = quaternion_multiply(S[..., 3:7], T_wc[..., 3:])
-    return torch.cat([sim3_act(S, T_wc[..., :3]), q], dim=-1)
 
 
 # ------------------------------------------------------------------ sampling

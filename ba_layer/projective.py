@@ -215,7 +215,7 @@ def transform(T_wc: torch.Tensor, patches: torch.Tensor, intrinsics: torch.Tenso
     return out
 
 
-def patch_centers(patches: torch.Tensor) -> torch.Tensor:
-    """Pixel ``(u, v)`` of the centre of each patch: (B, M, 3, P, P) -> (B, M, 2)."""
+def patch_centres(patches: torch.Tensor) -> torch.Tensor:
+    """``(u, v, inverse_depth)`` of each patch's centre pixel: (B, M, 3, P, P) -> (B, M, 3)."""
     c = patches.shape[-1] // 2
-    return patches[:, :, :2, c, c]
+    return patches[:, :, :, c, c]

@@ -36,7 +36,8 @@ from typing import Optional
 
 import torch
 
-from .ba_linearize import EdgeData, Linearization, adjoint, cross0
+from . import lie
+from .ba_linearize import EdgeData, Linearization, cross0
 
 #: Floor of the Marquardt scaling ``max(diag, floor)``, in the units of the
 #: normal equations (weight * pixel^2 per unit of the tangent or inverse depth).
@@ -109,7 +110,7 @@ def _pose_system(lin: Linearization, data: EdgeData, n_frames: int, fixed: int, 
         per_edge = b
     per_pair = _sum_by(per_edge, data.pair, P).permute(1, 2, 0)          # (B, P, 6 [+ 36])
     b_p = per_pair[..., :6]
-    Ad = adjoint(lin.R_pair, lin.t_pair)                                  # (B, P, 6, 6)
+    Ad = lie.adjoint_of(lin.R_pair, lin.t_pair)                                # (B, P, 6, 6)
     AdT = Ad.transpose(-1, -2)
     pi, pj = data.pair_i, data.pair_j
     g_i = -(AdT @ b_p.unsqueeze(-1)).squeeze(-1)                          # J_i^T W r = -Ad^T J_j^T W r

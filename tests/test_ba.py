@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from ba_layer import ba_problems, lie, projective, schur
-from ba_layer.ba import LM_DECREASE_FACTOR, BackwardMode, BundleAdjustment, bundle_adjust, retract_poses
+from ba_layer.ba import LM_DECREASE_FACTOR, BackwardMode, BundleAdjustment, bundle_adjust
 from ba_layer.ba_linearize import edge_data, linearize, source_jacobian
+from ba_layer.lie import retract as retract_poses
 
 F64 = torch.float64
 
