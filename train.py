@@ -64,11 +64,14 @@ def validation_clips(cfg, is_main: bool = False) -> list:
 
 
 def build_data(cfg, is_main: bool):
-    """The training clips and the validation clips named by ``cfg.data`` (synthetic when ``data.root`` is null)."""
+    """The training clips and the validation clips named by ``cfg.data`` (synthetic when ``data.root`` is null).
+
+    The validation clips are loaded on the main process only: validation runs on rank 0 (vo.train.trainer).
+    The training clips are read by the trainer's data loader (``train.num_workers`` worker processes)."""
     from veracity_datasets.synthetic import ensure_default
 
     root = Path(cfg.data.root) if cfg.data.root else ensure_default("train")
-    return _clip_dataset(cfg, root, cfg.data.augment), validation_clips(cfg, is_main)
+    return _clip_dataset(cfg, root, cfg.data.augment), validation_clips(cfg, is_main) if is_main else []
 
 
 def main(argv=None) -> int:
