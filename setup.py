@@ -46,6 +46,6 @@ setup(
     install_requires=CORE,
     extras_require={
         "test": ["pytest>=7.0", "matplotlib>=3.5"],
-        "bench": ["gtsam>=4.2"],
+        "bench": ["gtsam>=4.2", "pycolmap==3.11.1", "pyceres==2.4"],
     },
 )
