@@ -43,35 +43,12 @@ import torch
 
 from .backward_modes import check_backward, declarative_solution, nullspace_tolerance
 from .lie import skew as _hat
+from .solver_inputs import check_correspondences
 
 #: Fewest correspondences accepted (N): three non-collinear points determine the rotation.  Fewer positive
 #: weights, or collinear points, leave it non-unique; the forward then returns one solution and ``ift`` a
 #: finite (minimum-norm) gradient.
 MIN_POINTS = 3
-
-
-# ------------------------------------------------------------------ input checks
-def _check_inputs(src: torch.Tensor, dst: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
-    for name, x in (("src", src), ("dst", dst)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != 3:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"{name}: expected a tensor of shape (B, N, 3), got {shape}")
-        if not torch.isfinite(x).all():
-            raise ValueError(f"{name}: contains NaN or inf")
-    if src.shape != dst.shape:
-        raise ValueError(f"src {tuple(src.shape)} and dst {tuple(dst.shape)}: expected the same shape (B, N, 3)")
-    if src.shape[1] < MIN_POINTS:
-        raise ValueError(f"src: expected at least {MIN_POINTS} correspondences, got N = {src.shape[1]}")
-    if weights is None:
-        return torch.ones(src.shape[:2], dtype=src.dtype, device=src.device)
-    if weights.shape != src.shape[:2]:
-        raise ValueError(f"weights: expected shape (B, N) = {tuple(src.shape[:2])}, got {tuple(weights.shape)}")
-    if not torch.isfinite(weights).all() or (weights < 0).any():
-        raise ValueError("weights: expected finite, non-negative values")
-    if (weights.sum(-1) <= 0).any():
-        bad = torch.nonzero(weights.sum(-1) <= 0).flatten().tolist()
-        raise ValueError(f"weights: every problem needs a positive total weight; rows {bad} sum to 0")
-    return weights
 
 
 # ------------------------------------------------------------------ closed-form pieces
@@ -228,7 +205,7 @@ def umeyama(src: torch.Tensor, dst: torch.Tensor, weights: Optional[torch.Tensor
         R: (B, 3, 3), t: (B, 3), s: (B,) with ``dst ~ s R src + t`` (the similarity ``S_ba``).
     """
     check_backward(backward)
-    weights = _check_inputs(src, dst, weights)
+    weights = check_correspondences(src, dst, weights, ("src", "dst"), 3, "a tensor", MIN_POINTS)
     if backward == "ddn":
         return _declarative(src, dst, weights, with_translation, with_scale)
     return _closed_form(src, dst, weights, with_translation, with_scale, backward)

@@ -55,6 +55,7 @@ import torch
 
 from .backward_modes import check_backward, declarative_solution, nullspace_tolerance, safe_reciprocal
 from .lie import skew as _hat
+from .solver_inputs import check_correspondences
 
 #: Fewest correspondences of the (linear) eight-point solver.
 MIN_POINTS = 8
@@ -68,32 +69,8 @@ ESSENTIAL_SINGULAR_VALUE = 1.0 / math.sqrt(2.0)
 ESSENTIAL_TOLERANCE_FACTOR = 100.0
 
 
-# ------------------------------------------------------------------ input checks
-def _check_points(x: torch.Tensor, name: str) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != 2:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{name}: expected normalised image coordinates of shape (B, N, 2), got {shape}")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name}: contains NaN or inf")
-
-
-def _check_inputs(x1, x2, weights, min_points: int = MIN_POINTS) -> torch.Tensor:
-    _check_points(x1, "x1")
-    _check_points(x2, "x2")
-    if x1.shape != x2.shape:
-        raise ValueError(f"x1 {tuple(x1.shape)} and x2 {tuple(x2.shape)}: expected the same shape (B, N, 2)")
-    if x1.shape[1] < min_points:
-        raise ValueError(f"x1: expected at least {min_points} correspondences, got N = {x1.shape[1]}")
-    if weights is None:
-        return torch.ones(x1.shape[:2], dtype=x1.dtype, device=x1.device)
-    if weights.shape != x1.shape[:2]:
-        raise ValueError(f"weights: expected shape (B, N) = {tuple(x1.shape[:2])}, got {tuple(weights.shape)}")
-    if not torch.isfinite(weights).all() or (weights < 0).any():
-        raise ValueError("weights: expected finite, non-negative values")
-    if (weights.sum(-1) <= 0).any():
-        bad = torch.nonzero(weights.sum(-1) <= 0).flatten().tolist()
-        raise ValueError(f"weights: every problem needs a positive total weight; rows {bad} sum to 0")
-    return weights
+#: How :func:`~ba_layer.solver_inputs.check_correspondences` names and describes the points.
+_POINTS = (("x1", "x2"), 2, "normalised image coordinates")
 
 
 def _homogeneous(x: torch.Tensor) -> torch.Tensor:
@@ -295,7 +272,7 @@ def eight_point(x1: torch.Tensor, x2: torch.Tensor, weights: Optional[torch.Tens
         with ``x2^T E x1 ~ 0`` and ``E ~ [t]x R`` for ``X2 = R X1 + t``.
     """
     check_backward(backward)
-    weights = _check_inputs(x1, x2, weights)
+    weights = check_correspondences(x1, x2, weights, *_POINTS, MIN_POINTS)
     if backward == "ddn":
         return _eight_point_declarative(x1, x2, weights)
     x1_hat, T1 = hartley_normalise(x1, weights)
@@ -370,7 +347,7 @@ def decompose_essential(E: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor,
     Returns:
         R: (B, 3, 3), t: (B, 3) unit norm, with ``X2 = R X1 + t`` (``T_21``).
     """
-    weights = _check_inputs(x1, x2, weights, min_points=1)
+    weights = check_correspondences(x1, x2, weights, *_POINTS, 1)
     En = _check_essential(E)
     if En.shape[0] != x1.shape[0]:
         raise ValueError(f"E: batch size {En.shape[0]} does not match x1's {x1.shape[0]}")

@@ -12,7 +12,8 @@ One concept per file behind it:
 * :mod:`ba_layer.backward_modes`: the ``backward=`` choices ``"ift"`` (default: closed-form implicit
   function theorem on the solver's optimality conditions), ``"ddn"`` (a generic declarative node, every
   derivative by :mod:`torch.func`) and ``"autograd"`` (through ``torch.linalg.svd`` / ``eigh``, NaN at
-  repeated singular values / eigenvalues, passed on as it is).
+  repeated singular values / eigenvalues, passed on as it is);
+* :mod:`ba_layer.solver_inputs`: the input checks the solvers share (matched point sets and their weights).
 
 Each solver's module docstring states exactly which function each backward differentiates.
 """
