@@ -4,10 +4,10 @@ A scene is drawn in three steps so that cameras never fly through geometry:
 
 1. :func:`random_room` draws the room box (a room or a long corridor);
 2. the caller draws the camera trajectories inside it
-   (:func:`veracity_datasets.trajectory.random_trajectory`);
+   (:func:`veracity_datasets.motion.random_trajectory`);
 3. :func:`random_scene` furnishes the room: boxes (crates, cabinets, tables as
    solid blocks, floor-to-ceiling pillars, stacked crates) are kept only if
-   every camera position stays :data:`~.trajectory.CAMERA_CLEARANCE_M` away
+   every camera position stays :data:`~.motion.CAMERA_CLEARANCE_M` away
    from them; posters (photographs) hang on the walls; every face gets a
    texture, a tile size and a tint; lamps and a sun light it.
 
@@ -18,9 +18,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .motion import CAMERA_CLEARANCE_M
 from .render import FACES_PER_BOX, Scene
 from .textures import TextureBank
-from .trajectory import CAMERA_CLEARANCE_M
 
 #: Room extents (x, y, height) ranges, metres.
 ROOM_SIZE_M = ((5.0, 11.0), (4.0, 9.0), (2.6, 4.0))

@@ -21,7 +21,7 @@ depth along the optical axis in metres, body poses in NED, 10 Hz, the same
 
 How it is made
 ==============
-:mod:`.scenes` draws a room or corridor, :mod:`.trajectory` smooth random
+:mod:`.scenes` draws a room or corridor, :mod:`.motion` smooth random
 6-DoF camera paths inside it, :mod:`.scenes` furnishes it with textured boxes
 and posters (textures from :mod:`.textures`: scikit-image's bundled photos and
 procedural patterns), and :mod:`.render` ray-casts it analytically: exact
@@ -64,11 +64,11 @@ import numpy as np
 import torch
 
 from .base import DataError
+from .motion import Trajectory, random_trajectory
 from .render import Scene, render
 from .scenes import random_room, random_scene
 from .tartanair import DEPTH_DIR, DEPTH_SUFFIX, IMAGE_DIR, IMAGE_SUFFIX, POSE_FILE, tartanair_intrinsics
 from .textures import build_texture_bank
-from .trajectory import Trajectory, random_trajectory
 
 #: Bumped whenever the generator's output changes for the same parameters (invalidates caches).
 GENERATOR_VERSION = 1

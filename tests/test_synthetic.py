@@ -11,11 +11,11 @@ import torch
 from ba_layer import lie
 from veracity_datasets import synthetic
 from veracity_datasets.clips import grid_points, pair_flow
+from veracity_datasets.motion import CAMERA_CLEARANCE_M
 from veracity_datasets.render import Scene, cast_pixels, pixel_grid, render, render_frame, render_reference
 from veracity_datasets.scenes import box_distance
 from veracity_datasets.tartanair import TartanAirSequence, find_tartanair_sequences, tartanair_intrinsics
 from veracity_datasets.textures import build_texture_bank
-from veracity_datasets.trajectory import CAMERA_CLEARANCE_M
 
 TINY = synthetic.SyntheticConfig(image_size=(48, 64), frames=10, train_scenes=1, train_trajectories=2,
                                  test_scenes=1, test_trajectories=1, seed=3)

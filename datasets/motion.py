@@ -1,4 +1,6 @@
-"""Smooth random 6-DoF camera trajectories for the synthetic scenes.
+"""Camera motion for the synthetic scenes: smooth random 6-DoF camera paths.
+
+(Trajectory *files* -- reading and writing TUM-format poses -- are :mod:`vo.eval.tum_files`.)
 
 World frame NED-like (x, y horizontal, z down), as in :mod:`.render`.  A
 trajectory is
