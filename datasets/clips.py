@@ -65,7 +65,7 @@ from ba_layer import lie
 
 from . import augment as aug
 from .base import DataError, Sequence
-from .render import single_thread
+from .raycast import single_thread
 from .tartanair import TartanAirSequence, find_tartanair_sequences
 
 #: Version of the cached flow tables (bump when their computation changes).

@@ -2,7 +2,7 @@
 
 (Trajectory *files* -- reading and writing TUM-format poses -- are :mod:`vo.eval.tum_files`.)
 
-World frame NED-like (x, y horizontal, z down), as in :mod:`.render`.  A
+World frame NED-like (x, y horizontal, z down), as in :mod:`.scene_model`.  A
 trajectory is
 
 * a uniform Catmull-Rom spline through random waypoints

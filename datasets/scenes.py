@@ -11,7 +11,7 @@ A scene is drawn in three steps so that cameras never fly through geometry:
    from them; posters (photographs) hang on the walls; every face gets a
    texture, a tile size and a tint; lamps and a sun light it.
 
-World frame NED-like (z down, floor at ``room_hi[2]``), as in :mod:`.render`.
+World frame NED-like (z down, floor at ``room_hi[2]``), as in :mod:`.scene_model`.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .motion import CAMERA_CLEARANCE_M
-from .render import FACES_PER_BOX, Scene
+from .scene_model import FACES_PER_BOX, Scene
 from .textures import TextureBank
 
 #: Room extents (x, y, height) ranges, metres.
@@ -214,7 +214,7 @@ def random_scene(rng: np.random.Generator, bank: TextureBank, room_lo: np.ndarra
             if rng.random() < BOX_PICTURE_PROBABILITY:
                 material[f] = _choose(rng, pictures)
                 in_plane = [a for a in range(3) if a != axis]
-                # a picture spans its face once (render.Scene.face_frames: t down on vertical faces, along x on top)
+                # a picture spans its face once (Scene.face_frames: t down on vertical faces, along x on top)
                 tile[f] = 2 * half[in_plane[0 if axis < 2 else 1]], 2 * half[in_plane[1 if axis < 2 else 0]]
             else:
                 material[f] = box_texture

@@ -24,11 +24,10 @@ How it is made
 :mod:`.scenes` draws a room or corridor, :mod:`.motion` smooth random
 6-DoF camera paths inside it, :mod:`.scenes` furnishes it with textured boxes
 and posters (textures from :mod:`.textures`: scikit-image's bundled photos and
-procedural patterns), and :mod:`.render` ray-casts it analytically: exact
-depth at every pixel centre, mip-mapped colour with 2x2 supersampling at
-geometric edges, viewpoint-independent Lambertian shading with ambient
-occlusion.  Everything is deterministic by
-seed.
+procedural patterns), and :mod:`.raycast` ray-casts it analytically (exact
+depth at every pixel centre) for :mod:`.render`: mip-mapped colour with 2x2
+supersampling at geometric edges, viewpoint-independent Lambertian shading
+with ambient occlusion.  Everything is deterministic by seed.
 
 The default data set
 ====================
@@ -65,7 +64,8 @@ import torch
 
 from .base import DataError
 from .motion import Trajectory, random_trajectory
-from .render import Scene, render
+from .render import render
+from .scene_model import Scene
 from .scenes import random_room, random_scene
 from .tartanair import DEPTH_DIR, DEPTH_SUFFIX, IMAGE_DIR, IMAGE_SUFFIX, POSE_FILE, tartanair_intrinsics
 from .textures import build_texture_bank

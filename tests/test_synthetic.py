@@ -12,7 +12,9 @@ from ba_layer import lie
 from veracity_datasets import synthetic
 from veracity_datasets.clips import grid_points, pair_flow
 from veracity_datasets.motion import CAMERA_CLEARANCE_M
-from veracity_datasets.render import Scene, cast_pixels, pixel_grid, render, render_frame, render_reference
+from veracity_datasets.raycast import cast_pixels, pixel_grid
+from veracity_datasets.render import render, render_frame, render_reference
+from veracity_datasets.scene_model import Scene
 from veracity_datasets.scenes import box_distance
 from veracity_datasets.tartanair import TartanAirSequence, find_tartanair_sequences, tartanair_intrinsics
 from veracity_datasets.textures import build_texture_bank
