@@ -10,8 +10,8 @@ Geometry
 ``scale_and_crop`` resizes the frames by ``s`` and crops ``out_size``: an
 output pixel ``(u', v')`` shows the input point
 ``u = (u' + x0 + 0.5) / s_x - 0.5`` (pixel centres at integers, as
-:func:`veracity_datasets.base.scale_intrinsics`), so the intrinsics become
-``scale_intrinsics(K)`` with the crop offset subtracted from ``cx, cy``.
+:func:`veracity_datasets.images.resized_intrinsics`), so the intrinsics become
+``resized_intrinsics(K)`` with the crop offset subtracted from ``cx, cy``.
 Images are resized with antialiased bilinear interpolation.  Depth is
 resampled as *inverse* depth with bilinear weights, which is exact on planar
 surfaces (inverse depth is an affine function of the pixel there); where one
@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .base import scale_intrinsics
+from .images import resized_intrinsics
 
 #: Where the four source inverse depths of an output pixel differ by more than this fraction of their mean,
 #: the output pixel is a depth edge and invalid (dimensionless).
@@ -109,7 +109,7 @@ def choose_crop(in_size: tuple[int, int], out_size: tuple[int, int], generator: 
 
 def crop_intrinsics(intrinsics: torch.Tensor, in_size: tuple[int, int], crop: Crop) -> torch.Tensor:
     """Intrinsics (..., 4) ``[fx fy cx cy]`` of frames of ``in_size`` after ``crop``."""
-    K = scale_intrinsics(intrinsics, in_size, crop.resized)
+    K = resized_intrinsics(intrinsics, in_size, crop.resized)
     offset = K.new_tensor([0.0, 0.0, crop.x0, crop.y0])
     return K - offset
 

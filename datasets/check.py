@@ -23,8 +23,10 @@ from typing import Optional
 
 import numpy as np
 
-from .base import DataError, Problems, check_increasing, parse_floats, read_image, read_rows
+from .base import DataError, Problems
+from .images import read_image
 from .registry import FORMATS, detect_format, find_sequences, open_sequence, select_sequences
+from .text_tables import check_increasing, parse_floats, read_rows
 
 KITTI_POSE_FIELDS = 12
 TARTANAIR_POSE_FIELDS = 7

@@ -10,7 +10,7 @@ Conventions of the data set and what the reader does with them:
   ``resolution: [width, height]`` and ``T_BS``, the camera (sensor ``S``) to
   body (IMU ``B``) transform as a row-major 4x4 matrix: ``X_B = T_BS X_S``.
 * Images are 8-bit grey, distorted.  The reader undistorts them
-  (:class:`~veracity_datasets.base.Undistorter`); by default the undistorted
+  (:class:`~veracity_datasets.images.Undistorter`); by default the undistorted
   pinhole camera keeps the calibrated ``fu fv cu cv`` (``undistort_alpha=None``;
   a number in [0, 1] uses ``cv2.getOptimalNewCameraMatrix`` instead), and
   ``intrinsics`` are those of the undistorted image after the optional resize.
@@ -45,18 +45,9 @@ import torch
 
 from ba_layer import lie
 
-from .base import (
-    DataError,
-    Problems,
-    Sequence,
-    Undistorter,
-    check_increasing,
-    parse_floats,
-    read_rows,
-    read_undistorted,
-    scale_intrinsics,
-    warn_frames,
-)
+from .base import DataError, Problems, Sequence
+from .images import Undistorter, read_undistorted, resized_intrinsics
+from .text_tables import check_increasing, parse_floats, read_rows, warn_frames
 
 #: Default largest |t_image - t_groundtruth| for an association, seconds.
 EUROC_MAX_TIME_DIFF_S = 0.005
@@ -296,7 +287,7 @@ class EurocSequence(Sequence):
         self.undistorter = Undistorter(self.calibration.intrinsics, self.calibration.distortion, self.native_size,
                                        alpha=undistort_alpha)
         K = torch.from_numpy(self.undistorter.intrinsics.copy())
-        self.intrinsics = scale_intrinsics(K, self.native_size, self.size)
+        self.intrinsics = resized_intrinsics(K, self.native_size, self.size)
         self._read_groundtruth(max_time_diff)
 
     def _read_groundtruth(self, max_time_diff: float) -> None:

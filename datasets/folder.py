@@ -21,18 +21,9 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .base import (
-    DataError,
-    Problems,
-    Sequence,
-    Undistorter,
-    check_increasing,
-    parse_floats,
-    read_image,
-    read_rows,
-    read_undistorted,
-    scale_intrinsics,
-)
+from .base import DataError, Problems, Sequence
+from .images import Undistorter, read_image, read_undistorted, resized_intrinsics
+from .text_tables import check_increasing, parse_floats, read_rows
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
 #: Numbers in a calibration file: fx fy cx cy, optionally k1 k2 p1 p2 or k1 k2 p1 p2 k3.
@@ -92,7 +83,7 @@ class ImageFolderSequence(Sequence):
         self.native_size = tuple(read_image(self.files[0]).shape[-2:])
         self.undistorter = Undistorter(K, distortion if distortion is not None else np.zeros(4), self.native_size)
         self.size = tuple(image_size) if image_size is not None else self.native_size
-        self.intrinsics = scale_intrinsics(torch.from_numpy(self.undistorter.intrinsics.copy()),
+        self.intrinsics = resized_intrinsics(torch.from_numpy(self.undistorter.intrinsics.copy()),
                                            self.native_size, self.size)
 
     def _calibration(self, intrinsics) -> tuple[np.ndarray, Optional[np.ndarray]]:

@@ -21,7 +21,9 @@ import torch
 
 from ba_layer import lie
 
-from .base import DataError, Sequence, read_image, read_numbers, require_dir, scale_intrinsics
+from .base import DataError, Sequence, require_dir
+from .images import read_image, resized_intrinsics
+from .text_tables import read_numbers
 
 
 def read_calib(path: Path) -> dict[str, np.ndarray]:
@@ -80,7 +82,7 @@ class KittiOdometry(Sequence):
         self.native_size = tuple(first.shape[-2:])
         K = torch.tensor([P[0, 0], P[1, 1], P[0, 2], P[1, 2]], dtype=torch.float64)
         self.size = tuple(image_size) if image_size is not None else self.native_size
-        self.intrinsics = scale_intrinsics(K, self.native_size, self.size)
+        self.intrinsics = resized_intrinsics(K, self.native_size, self.size)
         self.baseline = float(-calib["P1"][0, 3] / calib["P1"][0, 0])
 
         pose_file = self.root / "poses" / f"{sequence}.txt"

@@ -54,7 +54,7 @@ Intrinsics and depth
 Pinhole ``fx = fy = 320, cx = 320, cy = 240`` at 640x480 (90 degree horizontal
 field of view).  Images of another native size (the synthetic data's 160x120,
 say) keep the field of view: the intrinsics are scaled with
-:func:`base.scale_intrinsics` to the native size, then to ``image_size`` if
+:func:`~.images.resized_intrinsics` to the native size, then to ``image_size`` if
 given.  Depth is metric depth along the optical axis (z); 0, negative, inf,
 NaN or more than ``max_depth`` metres (TartanAir's sky is about 1e4 m) become 0
 (invalid).  When ``image_size`` differs from the native size, depth is resized
@@ -72,7 +72,9 @@ import torch
 
 from ba_layer import lie
 
-from .base import DataError, Sequence, read_image, read_numbers, require_dir, scale_intrinsics
+from .base import DataError, Sequence, require_dir
+from .images import read_image, resized_intrinsics
+from .text_tables import read_numbers
 
 #: Native TartanAir image size (H, W), pixels.
 TARTANAIR_SIZE = (480, 640)
@@ -122,7 +124,7 @@ def camera_to_ned(T_wc: torch.Tensor) -> torch.Tensor:
 def tartanair_intrinsics(size: tuple[int, int], dtype=torch.float64) -> torch.Tensor:
     """(4,) ``[fx fy cx cy]`` of a TartanAir-model camera whose images are ``size`` (H, W) pixels."""
     K = torch.tensor(TARTANAIR_INTRINSICS, dtype=dtype)
-    return scale_intrinsics(K, TARTANAIR_SIZE, tuple(size))
+    return resized_intrinsics(K, TARTANAIR_SIZE, tuple(size))
 
 
 # ---------------------------------------------------------------- depth
@@ -217,7 +219,7 @@ class TartanAirSequence(Sequence):
         first = read_image(self.image_files[0])
         self.native_size = (int(first.shape[1]), int(first.shape[2]))
         self.size = tuple(int(s) for s in image_size) if image_size is not None else self.native_size
-        self.intrinsics = scale_intrinsics(tartanair_intrinsics(self.native_size), self.native_size, self.size)
+        self.intrinsics = resized_intrinsics(tartanair_intrinsics(self.native_size), self.native_size, self.size)
 
     def _read_poses(self, path: Path, count: int) -> torch.Tensor:
         rows, lines = read_numbers(path, expected_fields=POSE_FIELDS)

@@ -21,7 +21,7 @@ Conventions of the data set and what the reader does with them:
   ``"fr3"`` or ``"ros"``, the Kinect defaults).  fr1 and fr2 colour images are
   distorted (radial-tangential ``[k1 k2 p1 p2 k3]``); with ``undistort=True``
   the reader undistorts them keeping ``fx fy cx cy`` (see
-  :class:`~veracity_datasets.base.Undistorter`).  fr3 images are already
+  :class:`~veracity_datasets.images.Undistorter`).  fr3 images are already
   undistorted.
 * Depth PNGs are 16-bit, ``value / 5000`` metres, 0 = no measurement; they are
   registered to the colour image pixel for pixel, so they get the same
@@ -39,19 +39,9 @@ import torch
 
 from ba_layer import lie
 
-from .base import (
-    DataError,
-    Problems,
-    Sequence,
-    Undistorter,
-    check_increasing,
-    parse_floats,
-    read_image,
-    read_rows,
-    read_undistorted,
-    scale_intrinsics,
-    warn_frames,
-)
+from .base import DataError, Problems, Sequence
+from .images import Undistorter, read_image, read_undistorted, resized_intrinsics
+from .text_tables import check_increasing, parse_floats, read_rows, warn_frames
 
 #: Default largest timestamp difference of an association, seconds (TUM's associate.py default).
 TUM_MAX_TIME_DIFF_S = 0.02
@@ -251,7 +241,7 @@ class TumRgbdSequence(Sequence):
         self.undistorter = Undistorter(self.calib_intrinsics, distortion, self.native_size)
         self.size = tuple(image_size) if image_size is not None else self.native_size
         K = torch.from_numpy(self.undistorter.intrinsics.copy())
-        self.intrinsics = scale_intrinsics(K, self.native_size, self.size)
+        self.intrinsics = resized_intrinsics(K, self.native_size, self.size)
 
     # ------------------------------------------------------------ frames
     def __len__(self) -> int:

@@ -18,12 +18,15 @@ import torch
 import yaml
 
 from ba_layer import lie
-from veracity_datasets.base import DataError, Problems, Undistorter, scale_intrinsics
+from veracity_datasets.base import DataError, Problems
 from veracity_datasets.euroc import EurocSequence, read_opencv_yaml
 from veracity_datasets.folder import ImageFolderSequence
+from veracity_datasets.images import Undistorter
+from veracity_datasets.images import resized_intrinsics as scale_intrinsics
 from veracity_datasets.kitti import KittiOdometry
 from veracity_datasets.registry import detect_format, open_sequences
 from veracity_datasets.tum import TUM_CAMERAS, TumRgbdSequence, associate
+
 
 # ------------------------------------------------------------------ maths written independently of the readers
 def quat_wxyz_to_matrix(q) -> np.ndarray:
