@@ -57,8 +57,12 @@ def _as_points(x, name: str) -> torch.Tensor:
     return x
 
 
-def _samples_needed(inlier_ratio: float, confidence: float, cap: int) -> int:
-    """Standard RANSAC bound ``log(1 - p) / log(1 - r^8)``, capped."""
+def samples_needed(inlier_ratio: float, confidence: float, cap: int) -> int:
+    """Standard RANSAC bound ``log(1 - p) / log(1 - r^8)`` on the eight-point samples, capped at ``cap``.
+
+    ``inlier_ratio`` ``r``: the probability that a drawn correspondence is an inlier; ``confidence`` ``p``:
+    the wanted probability of drawing at least one all-inlier sample.
+    """
     good = inlier_ratio ** MIN_POINTS
     if good <= 0.0:
         return cap
@@ -125,7 +129,7 @@ def relative_pose_ransac(x1, x2, threshold: float, confidence: float = DEFAULT_C
         drawn += h
         if float(score[k]) < best_score:
             best_score, best_inliers = float(score[k]), d[k] < threshold
-            needed = _samples_needed(float(best_inliers.float().mean()), confidence, max_iterations)
+            needed = samples_needed(float(best_inliers.float().mean()), confidence, max_iterations)
     if int(best_inliers.sum()) < MIN_POINTS:
         raise ValueError(f"relative_pose_ransac: only {int(best_inliers.sum())} inliers after {drawn} samples "
                          f"(threshold {threshold}); at least {MIN_POINTS} are needed")
