@@ -42,7 +42,7 @@ from vo.config import dataclass_from_section
 from vo.model.correlation import AllPairsCorrBlock, CorrBlock
 from vo.model.encoders import FEATURE_STRIDE, Encoder
 from vo.model.graph import PatchGraph, clip_graph
-from vo.model.patches import gather_patches, image_gradient_score, patch_grid, select_centres
+from vo.model.patches import from_host, gather_patches, image_gradient_score, patch_grid, select_centres
 from vo.model.precision import Precision
 from vo.model.update import UpdateOperator
 
@@ -159,7 +159,7 @@ class VONet(nn.Module):
         lo, hi = self.cfg.init_inverse_depth
         u = torch.stack([torch.rand(M, generator=g, device=like.device if g is None else g.device)
                          for g in clip_generators(generator, B)])
-        return (lo + (hi - lo) * u).to(like)
+        return from_host(lo + (hi - lo) * u, like.device).to(like.dtype)
 
     def patch_centres(self, images: torch.Tensor, feature_size: tuple, generator: Generators = None) -> torch.Tensor:
         """Integer patch centres (B, N, p, 2) ``(x, y)`` in feature pixels, each clip's picked on its own images
@@ -169,10 +169,12 @@ class VONet(nn.Module):
         B, N = images.shape[:2]
         h, w = feature_size
         score = image_gradient_score(images) if c.gradient_bias else None                     # (B, N, h, w)
-        return torch.stack([
-            select_centres(N, c.patches_per_frame, h, w, c.patch_size, None if score is None else score[b], g,
-                           device=images.device if g is None else g.device).to(images.device)
-            for b, g in enumerate(clip_generators(generator, B))])
+        centres = []
+        for b, g in enumerate(clip_generators(generator, B)):
+            drawn = select_centres(N, c.patches_per_frame, h, w, c.patch_size, None if score is None else score[b],
+                                   g, device=images.device if g is None else g.device)
+            centres.append(from_host(drawn, images.device))
+        return torch.stack(centres)
 
     @property
     def geometry_dtype(self) -> torch.dtype:

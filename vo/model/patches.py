@@ -36,6 +36,15 @@ def image_gradient_score(images: torch.Tensor) -> torch.Tensor:
                                                                                      W // FEATURE_STRIDE)
 
 
+def from_host(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` on ``device``: from the CPU to a GPU through pinned memory without waiting (a copy from pageable
+    memory blocks the host until the GPU has caught up); otherwise a plain ``to``."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def select_centres(n_frames: int, per_frame: int, height: int, width: int, patch_size: int,
                    score: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
                    device=None) -> torch.Tensor:
@@ -54,7 +63,7 @@ def select_centres(n_frames: int, per_frame: int, height: int, width: int, patch
     x = torch.randint(r, width - r, (n_frames, n_candidates), generator=generator, device=device)
     y = torch.randint(r, height - r, (n_frames, n_candidates), generator=generator, device=device)
     if score is not None:
-        x, y = x.to(score.device), y.to(score.device)
+        x, y = from_host(x, score.device), from_host(y, score.device)
         s = score.reshape(n_frames, -1).gather(1, y * width + x)
         keep = s.argsort(dim=1, descending=True)[:, :per_frame]
         x, y = x.gather(1, keep), y.gather(1, keep)

@@ -147,10 +147,11 @@ def flow_objective(coords, coords_gt, valid, edge_mask, weights: Optional[torch.
     """Mean per-edge error over the valid edges of ``edge_mask`` (E,), per clip, then over the clips.
 
     ``weights=None`` gives DPVO's flow loss; the detached BA weights give V2V's
-    weighted objective.  Returns ``(loss, per-edge errors (B, E'), valid (B, E'))``.
+    weighted objective.  Returns ``(loss, per-edge errors (B, E), valid (B, E))``; edges outside
+    ``edge_mask`` are not valid.  The edge set masks rather than selects (a selection by a boolean mask
+    waits for the device to count it).
     """
-    e, ok = edge_errors(coords[:, edge_mask], coords_gt[:, edge_mask], valid[:, edge_mask],
-                        None if weights is None else weights[:, edge_mask])
+    e, ok = edge_errors(coords, coords_gt, valid & edge_mask.view(1, -1, 1, 1), weights)
     return clip_mean(e, ok), e, ok
 
 
@@ -184,6 +185,17 @@ def alignment_scale(centres_pred: torch.Tensor, centres_gt: torch.Tensor, detach
         return s.clamp(max=MAX_ALIGNMENT_SCALE)
 
 
+def ordered_pairs(n_frames: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frames ``(ii, jj)`` (N (N - 1),) of every ordered pair ``i != j``, ``i`` major; made on ``device`` by
+    arithmetic (no mask, no copy from the host)."""
+    if n_frames < 2:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return empty, empty
+    k = torch.arange(n_frames * (n_frames - 1), device=device)
+    ii, jj = k // (n_frames - 1), k % (n_frames - 1)
+    return ii, jj + (jj >= ii).long()
+
+
 @dataclass
 class PoseErrors:
     translation: torch.Tensor   # (B, pairs) norm of the translation part of log(dP dG^-1)
@@ -200,9 +212,7 @@ def pose_errors(T_wc_pred: torch.Tensor, T_wc_gt: torch.Tensor, detach_scale: bo
     B, N = T_wc_pred.shape[:2]
     s = alignment_scale(T_wc_pred[..., :3], T_wc_gt[..., :3], detach=detach_scale)
     scaled = torch.cat([T_wc_pred[..., :3] * s[:, None, None].to(T_wc_pred), T_wc_pred[..., 3:]], dim=-1)
-    ii, jj = torch.meshgrid(torch.arange(N), torch.arange(N), indexing="ij")
-    keep = ii != jj
-    ii, jj = ii[keep].to(T_wc_pred.device), jj[keep].to(T_wc_pred.device)
+    ii, jj = ordered_pairs(N, T_wc_pred.device)
     dP = lie.compose(lie.inverse(scaled[:, ii]), scaled[:, jj])
     dG = lie.compose(lie.inverse(T_wc_gt[:, ii]), T_wc_gt[:, jj]).to(dP)
     e = lie.log(lie.compose(dP, lie.inverse(dG)))
@@ -281,13 +291,12 @@ def training_loss(output, T_wc_gt: torch.Tensor, depths: torch.Tensor, depth_val
             rotation = rotation + pe.rotation.mean()
     # diagnostics of the last update, always the plain flow error in pixels (1/4 resolution)
     last = output.final
-    e_plain, ok_plain = edge_errors(last.coords[:, edges], coords_gt[:, edges], (valid_gt & last.valid)[:, edges])
+    e_plain, ok_plain = edge_errors(last.coords.detach(), coords_gt, valid_gt & last.valid & edges.view(1, -1, 1, 1))
     pe = pose_errors(last.T_wc.detach(), T_wc_gt)
-    e_plain = e_plain.detach()
     metrics.update({
         "flow_error_px": clip_mean(e_plain, ok_plain),
         "px_within_0.25": clip_mean((e_plain < 0.25).to(e_plain.dtype), ok_plain),
-        "valid_edge_fraction": ok_plain.to(torch.float32).mean(),
+        "valid_edge_fraction": (ok_plain.to(torch.float32).sum(1) / edges.sum().clamp_min(1)).mean(),
         "translation_error": pe.translation.mean(),
         "rotation_error_deg": torch.rad2deg(pe.rotation.mean()),
         "alignment_scale": pe.scale.mean(),
