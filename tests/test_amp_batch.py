@@ -6,6 +6,8 @@
 * A batch of two clips computes what two one-clip runs of the same clips compute (each clip its own patches,
   from its own generator), in float64, to rounding.
 * The data loader with worker processes gives the clips of the in-process loading, also on resume.
+* A step reads the gradients' finiteness once: a step with a NaN gradient is skipped and counted; the checks
+  that read values back earlier run only with ``VERACITY_DEBUG_CHECKS=1`` and name the tensor.
 """
 from __future__ import annotations
 
@@ -164,3 +166,40 @@ def test_data_loader_workers_give_the_in_process_clips_and_resume(tmp_path):
     second = _trainer(tmp_path, "split", 4, "train.batch_size=2", "train.num_workers=2")
     second.resume(tmp_path / "split" / "checkpoints" / "last.pt")
     assert [r["loss"] for r in first.history] + [r["loss"] for r in second.run()] == inline
+
+
+def test_nan_gradient_step_is_skipped_and_counted_and_debug_checks_name_it(tmp_path, monkeypatch, capsys):
+    trainer = _trainer(tmp_path, "nan", 3)
+    trainer.train_step()
+    probe = trainer.model.update.probe_layers["flow_head"]
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    hook = probe.register_hook(lambda g: g * float("nan"))
+    monkeypatch.setenv("VERACITY_DEBUG_CHECKS", "1")
+    record = trainer.train_step()
+    hook.remove()
+    assert trainer.skipped_steps == 1 and record["skipped_steps"] == 1 and math.isnan(record["grad_norm"])
+    assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())     # no update taken
+    assert "update.flow_head.1.weight" in capsys.readouterr().out
+    assert math.isfinite(trainer.train_step()["loss"]) and trainer.skipped_steps == 1
+
+
+def test_debug_checks_stop_at_the_first_non_finite_update_output_only_when_asked(monkeypatch):
+    torch.manual_seed(0)
+    model = VONet(TINY_MODEL, dict(iterations=2))
+    clip = tiny_clip(0, dtype=torch.float32)
+    model.update.weight_head.register_forward_hook(lambda mod, inp, out: out * float("nan"))
+
+    def run():
+        return model(clip["images"][None], clip["intrinsics"][None], iters=2,
+                     generator=torch.Generator().manual_seed(0))
+
+    monkeypatch.delenv("VERACITY_DEBUG_CHECKS", raising=False)
+    try:
+        run()                   # the BA layer may refuse non-finite weights by itself; the network's check is off
+    except FloatingPointError:
+        pytest.fail("the network's debug check ran without VERACITY_DEBUG_CHECKS=1")
+    except ValueError as err:
+        assert "weights" in str(err)
+    monkeypatch.setenv("VERACITY_DEBUG_CHECKS", "1")
+    with pytest.raises(FloatingPointError, match=r"update 0: weights \(1, \d+, 2\) has \d+ non-finite values"):
+        run()

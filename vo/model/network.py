@@ -240,6 +240,8 @@ class VONet(nn.Module):
                     out = self.update(hidden, edge_context, correlation, graph)
                 hidden = out.hidden
                 delta, weights = out.delta.to(dtype), out.weights.to(dtype)
+                if debug:
+                    _check_finite(k, delta=delta, weights=weights)
                 targets = coords[:, :, centre, centre] + delta
                 result = bundle_adjust(
                     T_wc, grid, K, graph.ii, graph.jj, graph.kk, targets, weights,
@@ -252,7 +254,7 @@ class VONet(nn.Module):
                 T_wc, d = result.T_wc, result.patches[:, :, 2, centre, centre]
                 reproj = projective.transform(T_wc, result.patches, K, graph.ii, graph.jj, graph.kk)
                 if debug:
-                    _check_finite(k, delta=delta, weights=weights, T_wc=T_wc, inverse_depth=d)
+                    _check_finite(k, T_wc=T_wc, inverse_depth=d)
                 steps.append(UpdateStep(T_wc=T_wc, inverse_depth=d, coords=reproj.coords, valid=reproj.valid,
                                         targets=targets, weights=weights, delta=delta, ba_status=result.status))
         return VOOutput(steps=steps, graph=graph, centres=centres, intrinsics=K, feature_size=(h, w))
