@@ -95,7 +95,8 @@ DTYPES = (torch.float32, torch.float64)
 
 # ------------------------------------------------------------------ input checks
 def _check_inputs(T_wc, patches, intrinsics, ii, jj, kk, targets, weights, iterations, damping, fixed_poses,
-                  truncate_k, mode, image_size, max_residual_px, solver, implicit_hessian="gauss_newton") -> None:
+                  truncate_k, mode, image_size, max_residual_px, solver, implicit_hessian="gauss_newton",
+                  backward: BackwardMode = BackwardMode.UNROLL) -> None:
     if not isinstance(T_wc, torch.Tensor) or T_wc.dim() != 3 or T_wc.shape[-1] != 7:
         raise ValueError(f"T_wc: expected shape (B, N, 7) [tx ty tz qx qy qz qw], got "
                          f"{tuple(T_wc.shape) if isinstance(T_wc, torch.Tensor) else type(T_wc).__name__}")
@@ -134,6 +135,9 @@ def _check_inputs(T_wc, patches, intrinsics, ii, jj, kk, targets, weights, itera
         raise ValueError(f"fixed_poses: expected an int in [0, {N}], got {fixed_poses!r}")
     if not isinstance(truncate_k, int) or truncate_k < 0:
         raise ValueError(f"truncate_k: expected an int >= 0, got {truncate_k!r}")
+    if backward == BackwardMode.TRUNCATED and truncate_k < 1:
+        raise ValueError(f"truncate_k: backward='truncated' differentiates the last truncate_k iterations and "
+                         f"needs truncate_k >= 1 (0 would pass no gradient to any input); got {truncate_k}")
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     if implicit_hessian not in IMPLICIT_HESSIANS:
@@ -216,7 +220,7 @@ def bundle_adjust(T_wc: torch.Tensor, patches: torch.Tensor, intrinsics: torch.T
         raise ValueError(f"backward: expected 'unroll', 'truncated' or 'implicit' (or a BackwardMode), "
                          f"got {backward!r}") from None
     _check_inputs(T_wc, patches, intrinsics, ii, jj, kk, targets, weights, iterations, damping, fixed_poses,
-                  truncate_k, mode, image_size, max_residual_px, solver, implicit_hessian)
+                  truncate_k, mode, image_size, max_residual_px, solver, implicit_hessian, backward)
     if not (pose_damping >= 0.0 and pose_damping < float("inf")):
         raise ValueError(f"pose_damping: expected a finite value >= 0, got {pose_damping}")
     B, N = T_wc.shape[:2]

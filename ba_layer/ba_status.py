@@ -59,6 +59,10 @@ class BAStatus:
         zero_weight_edges: (B,) valid edges whose two weights are both zero.
         backward: the backward mode; gradient_to_initial_state: what it differentiates
             with respect to the initial poses and depths.
+        implicit_unconverged: (B,) bool, the ``implicit`` backward differentiates this problem's
+            returned state as if it were the converged solution, but the forward stopped before
+            converging (neither ``converged`` nor ``failed``): the gradient is that of a solution the
+            forward did not reach (False in the other modes).
         backward_info: filled by the ``implicit`` backward when it runs: the Hessian used,
             ``cg_steps``, the adjoint ``damping`` (B,) and ``solver_failures`` (B,).
         predicted_decrease_per_iter: (B, iterations) the cost decrease the damped Gauss-Newton
@@ -86,6 +90,7 @@ class BAStatus:
     masked_edges: dict
     zero_weight_edges: torch.Tensor
     backward: str
+    implicit_unconverged: Optional[torch.Tensor] = None
     gradient_to_initial_state: str = ""
     backward_info: dict = field(default_factory=dict)
     predicted_decrease_per_iter: Optional[torch.Tensor] = None
@@ -178,6 +183,8 @@ def build_status(backward_info: dict, lin: Linearization, hist: IterationHistory
         iterations_run=cnt["iterations_run"], converged=cnt["converged"], solver_failures=cnt["failures"],
         failed=failed, valid_edges=valid, valid_edges_initial=cnt["valid_before"], masked_edges=masked,
         zero_weight_edges=zero_w, backward=backward.value,
+        implicit_unconverged=(~cnt["converged"] & ~failed) if backward == BackwardMode.IMPLICIT
+        else torch.zeros_like(failed),
         gradient_to_initial_state=GRADIENT_TO_INITIAL_STATE[backward], backward_info=backward_info,
         predicted_decrease_per_iter=history(hist.predicted, False, cost_after.dtype),
         actual_decrease_per_iter=history(hist.actual, False, cost_after.dtype))

@@ -91,9 +91,19 @@ class BAConfig:
     pose_damping: float = 10.0       # absolute damping of the reduced pose system (DPVO's ep = 10)
     adaptive: bool = False           # False: DPVO's fixed-damping, always-accepted steps; True: adaptive LM
 
+    BACKWARDS = ("unroll", "truncated", "implicit")
+
     @classmethod
     def from_dict(cls, d: dict) -> "BAConfig":
-        return dataclass_from_section(cls, d, "ba")
+        cfg = dataclass_from_section(cls, d, "ba")
+        if cfg.backward not in cls.BACKWARDS:
+            raise ValueError(f"ba.backward: expected one of {cls.BACKWARDS}, got '{cfg.backward}'")
+        if cfg.backward == "truncated" and not 1 <= cfg.truncate_k:
+            raise ValueError(f"ba.truncate_k: backward 'truncated' differentiates the last truncate_k BA iterations "
+                             f"and needs truncate_k >= 1 (0 passes no gradient); got {cfg.truncate_k}")
+        if cfg.iterations < 1:
+            raise ValueError(f"ba.iterations: expected >= 1, got {cfg.iterations}")
+        return cfg
 
 
 @dataclass

@@ -108,6 +108,7 @@ class Trainer:
         self._loader_step = -1
         self.step = 0
         self.skipped_steps = 0
+        self.implicit_unconverged = 0      # BA problems differentiated implicitly from an unconverged state
         self.history: list[dict] = []
         self.hooks: list[Callable] = []     # called as hook(trainer, step_record) after each step
         # --- gradient-variance instrumentation (vo.instrument.dashboards; None when the config disables it) ---
@@ -220,9 +221,11 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         record.update(values)
+        self.implicit_unconverged += int(values.get("ba/implicit_unconverged", 0))
         record.update({
             "lr": self.scheduler.get_last_lr()[0],
             "skipped_steps": self.skipped_steps,
+            "ba/implicit_unconverged_total": self.implicit_unconverged,
             "step_time_s": time.perf_counter() - t0,
             "coeff/flow": self.balancer.flow_coeff,
             "coeff/rotation": self.balancer.rotation_coeff,
@@ -301,6 +304,11 @@ def _ba_summary(output, device: torch.device) -> dict:
     failures = [torch.as_tensor(getattr(s.ba_status, "solver_failures", 0), dtype=torch.float64, device=device).sum()
                 for s in output.steps]
     out["ba/solver_failures_all_updates"] = torch.stack(failures).sum() if failures else torch.zeros((), device=device)
+    # BA problems whose implicit backward starts from a state the forward did not converge to (every update)
+    unconverged = [s.ba_status.implicit_unconverged.sum() for s in output.steps
+                   if getattr(getattr(s, "ba_status", None), "implicit_unconverged", None) is not None]
+    out["ba/implicit_unconverged"] = (torch.stack(unconverged).sum().to(device, torch.float64) if unconverged
+                                      else torch.zeros((), device=device))
     return out
 
 
