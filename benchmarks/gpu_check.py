@@ -163,8 +163,7 @@ def run_training(device: torch.device, data_root: Path, size: dict, tiny: bool, 
                 reset_peak(device)
             sync(device)
             t0 = time.perf_counter()
-            record = trainer.train_step()
-            trainer.step += 1
+            record = trainer.train_step()             # advances trainer.step
             sync(device)
             losses.append(record["loss"])
             if i >= size["warmup"]:
