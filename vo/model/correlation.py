@@ -11,20 +11,23 @@ Two ways compute these numbers, on one core:
 * :class:`CorrBlock` (and the streaming lookup, :mod:`vo.streaming.lookup`):
   per edge, the target features of an ``S x S`` integer window around the
   reprojected patch centre are gathered, correlated with the patch's features
-  by one batched matrix product, and sampled.  Memory and time grow with the
-  number of edges, not with the image size.  Its backward recomputes the
-  window instead of saving it (:class:`WindowCorrelation`).
+  by one batched matrix product, and sampled (:func:`sample_window`).  Memory
+  and time grow with the number of edges, not with the image size.  Its
+  backward recomputes the window instead of saving it
+  (:class:`WindowCorrelation`).
 * :class:`AllPairsCorrBlock`: from a volume of every patch pixel against
   every position of every frame, computed once per clip; a lookup gathers a
-  ``(2R+2) x (2R+2)`` integer window of that volume per pixel and samples it.
+  ``(2R+2) x (2R+2)`` integer window of that volume per pixel and blends it.
 
 The core both use: :func:`window_origin` and :func:`window_index` place an
 integer window and say which of its positions lie in the map (outside ones
-read zero), :func:`sample_window` draws the ``(2R+1)^2`` bilinear samples
-around a position from the values of a window, and :func:`window_correlation`
-is the windowed lookup for a set of edges.  Feature maps enter it as a
-*table* of rows ``(frame, y, x)`` of channels with a last row of zeros
-(:func:`feature_table`), which is also how the streaming VO stores them.
+read zero); :func:`bilinear_taps` blends the ``(2R+2)^2`` integer positions
+around a point into its ``(2R+1)^2`` bilinear samples, and
+:func:`sample_window` does both for a point in a window of values;
+:func:`window_correlation` is the windowed lookup for a set of edges.
+Feature maps enter it as a *table* of rows ``(frame, y, x)`` of channels with
+a last row of zeros (:func:`feature_table`), which is also how the streaming
+VO stores them.
 
 Sample order in a feature: pixel row ``py``, pixel column ``px``, offset row
 ``dy``, offset column ``dx`` (``x`` right, ``y`` down, feature pixels).
@@ -84,28 +87,42 @@ def window_index(origin: torch.Tensor, side: int, size: tuple[int, int]) -> tupl
     return index, inside
 
 
+def bilinear_taps(taps: torch.Tensor, frac: torch.Tensor) -> torch.Tensor:
+    """Bilinear samples between integer positions: at ``frac`` past each position of ``taps`` but the last row/column.
+
+    Args:
+        taps: (L, T, T) values at integer positions (rows ``y``, columns ``x``).
+        frac: (L, 2) ``(fx, fy)`` in [0, 1) (differentiable).
+
+    Returns:
+        (L, (T-1)^2), rows then columns; in the precision of ``taps`` and ``frac`` together (float32
+        coordinates keep their precision when the features are half).
+    """
+    dtype = torch.promote_types(taps.dtype, frac.dtype)
+    taps, frac = taps.to(dtype), frac.to(dtype)
+    along_x = torch.lerp(taps[:, :, :-1], taps[:, :, 1:], frac[:, 0, None, None])
+    return torch.lerp(along_x[:, :-1], along_x[:, 1:], frac[:, 1, None, None]).reshape(taps.shape[0], -1)
+
+
 def sample_window(values: torch.Tensor, pos: torch.Tensor, radius: int) -> torch.Tensor:
     """Bilinear samples of windows at ``pos`` plus the ``(2R+1)^2`` integer offsets, zero outside the window.
+
+    The samples read the ``(2R+2)^2`` integer positions from ``floor(pos) - R`` (:func:`window_index`) and blend
+    them with the fractional part of ``pos`` (:func:`bilinear_taps`).
 
     Args:
         values: (L, hw, ww) values at the integer positions of each window (rows ``y``, columns ``x``).
         pos: (L, 2) ``(x, y)`` relative to the window's origin (differentiable).
 
     Returns:
-        (L, (2R+1)^2), offset rows ``dy`` then columns ``dx``; in the precision of ``values`` and ``pos``
-        together (float32 coordinates keep their precision when the features are half).
+        (L, (2R+1)^2), offset rows ``dy`` then columns ``dx``, in the precision of ``values`` and ``pos`` together.
     """
     L, hw, ww = values.shape
-    dtype = torch.promote_types(values.dtype, pos.dtype)
-    pos = pos.to(dtype)
-    offsets = torch.arange(-radius, radius + 1, device=values.device, dtype=dtype)
-    gx = pos[:, 0, None, None] + offsets.view(1, 1, -1)
-    gy = pos[:, 1, None, None] + offsets.view(1, -1, 1)
-    grid = torch.stack(torch.broadcast_tensors(gx, gy), dim=-1)                 # (L, 2R+1, 2R+1, 2)
-    scale = grid.new_tensor([2.0 / max(ww - 1, 1), 2.0 / max(hw - 1, 1)])      # align_corners: -1..1 spans the window
-    out = F.grid_sample(values.to(dtype).view(L, 1, hw, ww), grid * scale - 1.0, mode="bilinear",
-                        padding_mode="zeros", align_corners=True)
-    return out.view(L, -1)
+    origin = window_origin(pos, radius)                                         # (L, 2) first position read
+    index, inside = window_index(origin, 2 * radius + 2, (hw, ww))
+    taps = values.reshape(L, hw * ww).gather(1, index.view(L, -1)).view(index.shape)
+    taps = taps * inside.to(taps.dtype)
+    return bilinear_taps(taps, pos - (origin + radius).to(pos.dtype))
 
 
 def feature_table(fmap: torch.Tensor) -> torch.Tensor:
@@ -354,8 +371,8 @@ class AllPairsCorrBlock:
     every frame, per pyramid level: (B, M, P*P, N, h_l, w_l).  It costs one
     large matrix product per clip and ``M P^2 N h w`` numbers of memory; each
     lookup then gathers, per edge pixel, the ``(2R+2) x (2R+2)`` integer window
-    of the volume that its ``(2R+1)^2`` bilinear samples read, and samples it
-    with :func:`sample_window`.  For a training clip, whose features stay fixed
+    of the volume that its ``(2R+1)^2`` bilinear samples read, and blends it
+    with :func:`bilinear_taps`.  For a training clip, whose features stay fixed
     over many updates, this is several times cheaper than the windowed lookup;
     for long streaming windows, or clips whose volume does not fit, the windowed
     :class:`CorrBlock` is the one to use.  Values (and gradients) equal
@@ -401,12 +418,12 @@ class AllPairsCorrBlock:
         B, E, P = coords.shape[:3]
         R = self.radius
         T = 2 * R + 2                                                           # integer positions a pixel reads
-        origin = window_origin(coords, R)                                       # (B, E, P, P, 2)
+        origin = window_origin(coords, R)                                       # (B, E, P, P, 2) first position read
         index, inside = window_index(origin, T, (h, w))                         # (B, E, P, P, T, T)
         pixel = torch.arange(P * P, device=coords.device).view(1, 1, P, P)
         base = ((kk.view(1, E, 1, 1) * (P * P) + pixel) * N + jj.view(1, E, 1, 1)) * (h * w)   # (1, E, P, P)
         idx = (base[..., None, None] + index).reshape(B, -1)
-        window = _Gather.apply(volume, idx, buffer) if volume.requires_grad else volume.gather(1, idx)
-        window = window.view(index.shape) * inside.to(window.dtype)
-        pos = coords - origin.to(coords.dtype)                                  # (B, E, P, P, 2) in the window
-        return sample_window(window.view(-1, T, T), pos.reshape(-1, 2), R).view(B, E, -1)
+        taps = _Gather.apply(volume, idx, buffer) if volume.requires_grad else volume.gather(1, idx)
+        taps = taps.view(-1, T, T) * inside.view(-1, T, T).to(taps.dtype)
+        frac = coords - (origin + R).to(coords.dtype)                           # (B, E, P, P, 2)
+        return bilinear_taps(taps, frac.reshape(-1, 2)).view(B, E, -1)
