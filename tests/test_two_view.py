@@ -88,25 +88,25 @@ def pair_set(scenes) -> PairSet:
                    names=[f"scene:{k}" for k in range(len(scenes))])
 
 
-def small_net(dtype=DT, seed: int = 0) -> InlierNet:
-    """A small network whose head is not zero, so the weights vary from match to match."""
+def small_net(dtype=DT, seed: int = 0, stages: int = 2) -> InlierNet:
+    """A small network whose heads are not zero, so the weights vary from match to match."""
     torch.manual_seed(seed)
-    net = InlierNet(InlierNetConfig(width=8, num_blocks=1)).to(dtype)
+    net = InlierNet(InlierNetConfig(width=8, num_blocks=1, stages=stages)).to(dtype)
     with torch.no_grad():
-        net.head.weight.normal_(0.0, 0.5)
+        for stage in net.stages:
+            stage.head.weight.normal_(0.0, 0.5)
     return net
 
 
 def training_loss(net, batch, backward: str) -> torch.Tensor:
-    """The pose part of the training objective (what the solver's backward differentiates), plus the
-    classification term, for a :class:`PairBatch`."""
-    logits = net.logits(batch.features.to(DT), batch.mask)
-    weights = torch.sigmoid(logits)
-    pose = pose_from_weights(batch.x1, batch.x2, weights, backward)
-    rot = rotation_error(pose.R, batch.R).mean()
-    trans = mean_translation_angle(pose.t, batch.t)
-    cls = inlier_classification(logits, batch.d_gt, 1.5 / batch.focal, batch.mask).mean()
-    return rot + trans + cls
+    """The training objective (every stage's pose error through the solver, and its classification term)
+    for a :class:`PairBatch`."""
+    loss = 0.0
+    for logits in net.stage_logits(batch.features.to(DT), batch.mask, batch.x1, batch.x2):
+        pose = pose_from_weights(batch.x1, batch.x2, torch.sigmoid(logits), backward)
+        loss = loss + rotation_error(pose.R, batch.R).mean() + mean_translation_angle(pose.t, batch.t)
+        loss = loss + inlier_classification(logits, batch.d_gt, 1.5 / batch.focal, batch.mask).mean()
+    return loss
 
 
 def parameter_gradient(net, batch, backward: str) -> torch.Tensor:
@@ -122,34 +122,43 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # ------------------------------------------------------------------ network
 def test_network_is_permutation_equivariant_and_ignores_padding():
     g = torch.Generator().manual_seed(0)
-    net = small_net(torch.float32)
-    feats = torch.randn(2, 30, NUM_FEATURES, generator=g)
+    net = small_net()
+    x1, x2, *_ = two_view_scene(30, g, noise=1e-3, outliers=0.3)
+    feats = torch.stack([features_of(x1, x2), features_of(x2, x1)]).to(DT)
+    x1s, x2s = torch.stack([x1, x2]), torch.stack([x2, x1])
     mask = torch.ones(2, 30, dtype=torch.bool)
-    w = net(feats, mask)
+    w = net(feats, mask, x1s, x2s)
     perm = torch.randperm(30, generator=g)
-    assert torch.allclose(net(feats[:, perm], mask), w[:, perm], atol=1e-6)
-    padded = torch.cat([feats, 1e3 * torch.randn(2, 10, NUM_FEATURES, generator=g)], 1)
+    assert torch.allclose(net(feats[:, perm], mask, x1s[:, perm], x2s[:, perm]), w[:, perm], atol=1e-9)
+    junk = 1e3 * torch.randn(2, 10, NUM_FEATURES, dtype=DT, generator=g)
+    padded = torch.cat([feats, junk], 1)
     pmask = torch.cat([mask, torch.zeros(2, 10, dtype=torch.bool)], 1)
-    wp = net(padded, pmask)
-    assert torch.allclose(wp[:, :30], w, atol=1e-6)
+    wp = net(padded, pmask, torch.cat([x1s, junk[..., :2]], 1), torch.cat([x2s, junk[..., 2:4]], 1))
+    assert torch.allclose(wp[:, :30], w, atol=1e-9)
     assert (wp[:, 30:] == 0).all() and ((w > 0) & (w < 1)).all()
     with pytest.raises(ValueError, match="features: expected"):
-        net(feats[..., :3], mask)
+        net(feats[..., :3], mask, x1s, x2s)
+    with pytest.raises(ValueError, match="x1, x2"):
+        net(feats, mask)
 
 
 def test_untrained_network_weighs_every_match_one_half():
+    x1, x2, *_ = two_view_scene(20, torch.Generator().manual_seed(0), noise=1e-3)
     net = InlierNet()
-    w = net(torch.randn(1, 20, NUM_FEATURES), torch.ones(1, 20, dtype=torch.bool))
+    w = net(features_of(x1, x2)[None], torch.ones(1, 20, dtype=torch.bool), x1[None], x2[None])
     assert torch.equal(w, torch.full_like(w, 0.5))
 
 
 # ------------------------------------------------------------------ gradients through the solver
 def test_ift_gradient_matches_finite_differences_float64():
-    """d loss / d theta of the network through ift (eight-point + decomposition) = central differences."""
+    """d loss / d theta of the network through ift (eight-point + decomposition) = central differences.
+
+    One stage: a later stage's inputs (the previous stage's weights and residuals) are detached by design
+    (vo.two_view.network), so the loss of several stages is not what their gradient differentiates."""
     g = torch.Generator().manual_seed(1)
     scenes = [two_view_scene(24, g, noise=1e-3, outliers=0.25) for _ in range(2)]
     batch = make_batch(pair_set(scenes), [0, 1], max_matches=0)
-    net = small_net()
+    net = small_net(stages=1)
     grad = parameter_gradient(net, batch, "ift")
     assert torch.isfinite(grad).all() and grad.norm() > 0
     params = list(net.parameters())
@@ -342,7 +351,8 @@ def test_training_resumes_exactly(tmp_path):
     m = Matches(p1=x1.numpy(), p2=x2.numpy(), x1=x1.numpy(), x2=x2.numpy(), ratio=np.zeros(50),
                 log_scale=np.zeros(50), angle=np.zeros(50), has_side_info=False)
     f = features_of(x1, x2)[None]
-    assert torch.allclose(est.weights(m).float(), straight.net.eval()(f, torch.ones(1, 50, dtype=torch.bool))[0])
+    direct = straight.net.eval()(f, torch.ones(1, 50, dtype=torch.bool), x1[None], x2[None])[0]
+    assert torch.allclose(est.weights(m).float(), direct)
     (tmp_path / "other.pt").write_bytes(b"not weights")
     with pytest.raises(Exception, match="other.pt"):
         TwoViewEstimator.load(tmp_path / "other.pt")

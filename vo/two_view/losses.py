@@ -1,6 +1,7 @@
 """The training objective of the inlier network: pose errors of the differentiated pose, plus an auxiliary term.
 
     loss = pose_weight * (rotation_error(R, R_gt) + translation_angle(t, t_gt))      radians, mean over pairs
+                                                                          (0 before pose_start_step)
          + sampson_weight * inlier_classification(logits, d_gt)
 
 ``R, t`` are the output of :func:`vo.two_view.pose.pose_from_weights` (the same objective whichever backward
@@ -33,12 +34,16 @@ class TwoViewLossConfig:
 
     Attributes:
         pose_weight: weight of ``rotation_error + translation_angle`` (radians).
+        pose_start_step: the pose term is off (weight 0) before this training step: CNe's schedule, the
+            classification term alone first (the pose of a barely trained network is noise whose gradient
+            slows the classification down).
         sampson_weight: weight of the inlier classification against the ground-truth Sampson distance.
         label_threshold_px: a match is a ground-truth inlier below this Sampson distance (pixels; divided by
             the focal length of the pair).
     """
 
     pose_weight: float = 1.0
+    pose_start_step: int = 0
     sampson_weight: float = 1.0
     label_threshold_px: float = 1.5
 

@@ -1,4 +1,4 @@
-"""The correspondence network: one inlier weight per putative match (CNe, Yi et al., CVPR 2018).
+"""The correspondence network: one inlier weight per putative match (CNe, Yi et al., CVPR 2018), iterated.
 
 Each match is a point in a feature space (:func:`vo.two_view.matches.match_features`: the normalised
 coordinates of both points and the detector's side information).  The network is a PointNet, shared
@@ -12,8 +12,16 @@ own coordinates alone.  It is permutation-equivariant in the matches and ignores
     head: Linear(width, 1) -> logits;  weights = sigmoid(logits) in (0, 1)
 
 The head starts at zero, so an untrained network weighs every match 1/2: the pose solver starts from the
-plain eight-point solution of all matches.  Shapes: ``features`` (B, N, F), ``mask`` (B, N) bool (True:
-a real match, False: padding); outputs (B, N).  Padding gets weight 0.
+plain eight-point solution of all matches.
+
+Stages (Ranftl & Koltun's iterative re-weighting, "Deep Fundamental Matrix Estimation", ECCV 2018): stage 0
+sees the match features; each later stage sees them plus, for every match, the previous stage's weight and
+the log of its Sampson distance to the previous stage's weighted eight-point essential matrix.  The
+geometry between stages is computed without gradient (as RAFT detaches its flow between iterations): each
+stage is trained by its own pose and classification losses (:mod:`vo.two_view.train`).
+
+Shapes: ``features`` (B, N, F), ``mask`` (B, N) bool (True: a real match, False: padding), ``x1, x2``
+(B, N, 2) normalised coordinates (float64 recommended); outputs (B, N).  Padding gets weight 0.
 """
 from __future__ import annotations
 
@@ -22,7 +30,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ba_layer.essential import eight_point, sampson_distance
+
 from .matches import NUM_FEATURES
+
+#: Features a later stage adds per match: the previous weight and the log Sampson distance.
+STAGE_FEATURES = 2
+#: Added to the Sampson distance before its log (normalised units; 1e-5 is ~0.003 px at f = 320 px).
+RESIDUAL_FLOOR = 1e-5
 
 
 @dataclass
@@ -31,15 +46,19 @@ class InlierNetConfig:
 
     Attributes:
         width: channels per match.
-        num_blocks: residual blocks (two context-normalised layers each).
+        num_blocks: residual blocks (two context-normalised layers each) per stage.
+        stages: networks applied in turn (module docstring), each with its own parameters.
         context_norm_eps: added to the variance in the context normalisation (channel units squared).
     """
 
     width: int = 96
     num_blocks: int = 6
+    stages: int = 2
     context_norm_eps: float = 1e-3
 
     def __post_init__(self):
+        if self.stages < 1:
+            raise ValueError(f"InlierNetConfig.stages: expected >= 1, got {self.stages}")
         if self.width < 1 or self.num_blocks < 0:
             raise ValueError(f"InlierNetConfig: expected width >= 1 and num_blocks >= 0, got {self.width}, "
                              f"{self.num_blocks}")
@@ -86,36 +105,70 @@ class ResidualBlock(nn.Module):
         return h + self.layer2(self.layer1(h, mask), mask)
 
 
+class CorrespondenceNet(nn.Module):
+    """One stage: per-match logits (B, N) from per-match inputs (B, N, C) (module docstring)."""
+
+    def __init__(self, in_features: int, config: InlierNetConfig):
+        super().__init__()
+        self.in_features = in_features
+        self.embed = nn.Linear(in_features, config.width)
+        self.blocks = nn.ModuleList(ResidualBlock(config.width, config.context_norm_eps)
+                                    for _ in range(config.num_blocks))
+        self.head = nn.Linear(config.width, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.embed(inputs)
+        for block in self.blocks:
+            h = block(h, mask)
+        return self.head(h).squeeze(-1).masked_fill(~mask, float("-inf"))
+
+
 class InlierNet(nn.Module):
-    """Per-match inlier weights from per-match features (module docstring)."""
+    """Per-match inlier weights from per-match features, in ``config.stages`` stages (module docstring)."""
 
     def __init__(self, config: InlierNetConfig | None = None, in_features: int = NUM_FEATURES):
         super().__init__()
         self.config = config or InlierNetConfig()
-        c = self.config
         self.in_features = in_features
-        self.embed = nn.Linear(in_features, c.width)
-        self.blocks = nn.ModuleList(ResidualBlock(c.width, c.context_norm_eps) for _ in range(c.num_blocks))
-        self.head = nn.Linear(c.width, 1)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        self.stages = nn.ModuleList(CorrespondenceNet(in_features + (STAGE_FEATURES if s else 0), self.config)
+                                    for s in range(self.config.stages))
 
-    def logits(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Inlier logits (B, N) of ``features`` (B, N, F); padding (``~mask``) gets -inf."""
+    def _check(self, features: torch.Tensor, mask: torch.Tensor, x1, x2) -> None:
         if features.dim() != 3 or features.shape[-1] != self.in_features:
             raise ValueError(f"features: expected (B, N, {self.in_features}), got {tuple(features.shape)}")
         if mask.shape != features.shape[:2] or mask.dtype != torch.bool:
             raise ValueError(f"mask: expected a bool tensor of shape {tuple(features.shape[:2])}, "
                              f"got {mask.dtype} {tuple(mask.shape)}")
-        h = self.embed(features)
-        for block in self.blocks:
-            h = block(h, mask)
-        logits = self.head(h).squeeze(-1)
-        return logits.masked_fill(~mask, float("-inf"))
+        if self.config.stages > 1 and (x1 is None or x2 is None or x1.shape != features.shape[:2] + (2,)
+                                       or x2.shape != x1.shape):
+            raise ValueError(f"x1, x2: a {self.config.stages}-stage network needs the normalised coordinates "
+                             f"(B, N, 2) = {tuple(features.shape[:2]) + (2,)} of the matches")
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Inlier weights (B, N) in (0, 1) (0 on padding) of ``features`` (B, N, F), ``mask`` (B, N) bool."""
-        return torch.sigmoid(self.logits(features, mask))
+    def stage_logits(self, features: torch.Tensor, mask: torch.Tensor, x1: torch.Tensor | None = None,
+                     x2: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Inlier logits (B, N) of every stage (``-inf`` on padding); later stages need ``x1``, ``x2``."""
+        self._check(features, mask, x1, x2)
+        logits = [self.stages[0](features, mask)]
+        for stage in self.stages[1:]:
+            with torch.no_grad():
+                weights = torch.sigmoid(logits[-1])
+                E = eight_point(x1, x2, weights.to(x1.dtype))
+                residual = torch.log(sampson_distance(E, x1, x2) + RESIDUAL_FLOOR).to(features.dtype)
+                extra = torch.stack([weights, residual.masked_fill(~mask, 0.0)], -1)
+            logits.append(stage(torch.cat([features, extra], -1), mask))
+        return logits
+
+    def logits(self, features: torch.Tensor, mask: torch.Tensor, x1: torch.Tensor | None = None,
+               x2: torch.Tensor | None = None) -> torch.Tensor:
+        """The last stage's inlier logits (B, N)."""
+        return self.stage_logits(features, mask, x1, x2)[-1]
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor, x1: torch.Tensor | None = None,
+                x2: torch.Tensor | None = None) -> torch.Tensor:
+        """Inlier weights (B, N) in (0, 1) (0 on padding) of the last stage."""
+        return torch.sigmoid(self.logits(features, mask, x1, x2))
 
 
 def count_parameters(module: nn.Module) -> int:

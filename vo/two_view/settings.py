@@ -74,6 +74,7 @@ class TwoViewTrainConfig:
         on_nonfinite: ``"skip"`` (the step is skipped and counted) or ``"stop"`` (the run ends, status says why).
         geometry_dtype: dtype of the pose solver (the network runs in float32).
         threads: torch CPU threads (0: leave torch's default).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA when present).
     """
 
     backward: str = "ift"
@@ -90,6 +91,7 @@ class TwoViewTrainConfig:
     on_nonfinite: str = "skip"
     geometry_dtype: str = "float64"
     threads: int = 1
+    device: str = "cpu"
 
     def __post_init__(self):
         from ba_layer.backward_modes import check_backward

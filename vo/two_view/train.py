@@ -3,9 +3,9 @@
 One step (:meth:`TwoViewTrainer.step`)::
 
     batch  = make_batch(train pairs, indices(seed, step), max_matches, augmentation)      pairs.py
-    logits = InlierNet(features, mask);  weights = sigmoid(logits)                         network.py
-    R, t   = pose_from_weights(x1, x2, weights, backward)                                 pose.py
-    loss   = pose_weight (rot + trans) + sampson_weight BCE(logits, d_gt < threshold)       losses.py
+    logits = InlierNet(features, mask, x1, x2), per stage; weights = sigmoid(logits)       network.py
+    R, t   = pose_from_weights(x1, x2, weights, backward), per stage                      pose.py
+    loss   = mean over stages of pose_weight (rot + trans) + sampson_weight BCE(logits, d_gt < threshold)
 
 The solver's backward and the network's backward are timed apart: the pose loss is first differentiated
 with respect to a detached copy of the weights (``solver_backward_ms``, the part that differs between
@@ -74,13 +74,14 @@ def evaluate_weighted_pose(net: InlierNet, pairs: PairSet, backward_cfg, batch: 
     rot, trans, tp, fp, fn = [], [], 0, 0, 0
     dtype = _geometry_dtype(backward_cfg.geometry_dtype)
     for lo in range(0, len(pairs), batch):
-        b = make_batch(pairs, range(lo, min(lo + batch, len(pairs))), max_matches=0)
-        weights = net(b.features, b.mask)
-        pose = pose_from_weights(b.x1.to(dtype), b.x2.to(dtype), weights.to(dtype), "ift",
-                                 backward_cfg.sampson_reweighting)
+        device = next(net.parameters()).device
+        b = make_batch(pairs, range(lo, min(lo + batch, len(pairs))), max_matches=0).to(device)
+        x1, x2 = b.x1.to(dtype), b.x2.to(dtype)
+        weights = net(b.features, b.mask, x1, x2)
+        pose = pose_from_weights(x1, x2, weights.to(dtype), "ift", backward_cfg.sampson_reweighting)
         for k in range(len(b.index)):
-            rot.append(rotation_error_deg(pose.R[k].double().numpy(), b.R[k].numpy()))
-            trans.append(translation_error_deg(pose.t[k].double().numpy(), b.t[k].numpy()))
+            rot.append(rotation_error_deg(pose.R[k].double().cpu().numpy(), b.R[k].cpu().numpy()))
+            trans.append(translation_error_deg(pose.t[k].double().cpu().numpy(), b.t[k].cpu().numpy()))
         label = (b.d_gt < (1.5 / b.focal).unsqueeze(-1)) & b.mask
         pred = (weights > 0.5) & b.mask
         tp += int((label & pred).sum())
@@ -103,7 +104,9 @@ class TwoViewTrainer:
         if tc.threads > 0:
             torch.set_num_threads(tc.threads)
         torch.manual_seed(tc.seed)
-        self.net = InlierNet(config.network)
+        self.device = torch.device("cuda" if tc.device == "auto" and torch.cuda.is_available()
+                                   else "cpu" if tc.device == "auto" else tc.device)
+        self.net = InlierNet(config.network).to(self.device)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         self.dtype = _geometry_dtype(tc.geometry_dtype)
         self.step_index = 0
@@ -126,7 +129,7 @@ class TwoViewTrainer:
         path = self._checkpoint_path()
         if not path.is_file():
             return False
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location=self.device, weights_only=False)
         if state["config"] != self.config.to_dict():
             raise ValueError(f"{path}: written by a different config; use another out_dir or the same config")
         self.net.load_state_dict(state["model"])
@@ -140,7 +143,13 @@ class TwoViewTrainer:
         tc = self.config.train
         g = torch.Generator().manual_seed(tc.seed * STEP_SEED_STRIDE + step)
         indices = torch.randint(len(self.train_pairs), (tc.batch_size,), generator=g)
-        return make_batch(self.train_pairs, indices, tc.max_matches, g, augment=self.config.pairs)
+        return make_batch(self.train_pairs, indices, tc.max_matches, g, augment=self.config.pairs).to(self.device)
+
+    def _clock(self) -> float:
+        """``time.perf_counter()`` after the device's queued work (CUDA runs asynchronously)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def step(self) -> dict:
         """One optimiser step; returns its losses, timings and whether its gradient was finite."""
@@ -149,23 +158,29 @@ class TwoViewTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.step_index, tc)
         b = self._batch(self.step_index)
-        logits = self.net.logits(b.features, b.mask)
-        weights = torch.sigmoid(logits)
-        w_geo = weights.detach().to(self.dtype).requires_grad_()
-        t0 = time.perf_counter()
-        pose = pose_from_weights(b.x1.to(self.dtype), b.x2.to(self.dtype), w_geo, tc.backward,
-                                 tc.sampson_reweighting)
-        rot = rotation_error(pose.R, b.R.to(self.dtype)).mean()
-        trans = mean_translation_angle(pose.t, b.t.to(self.dtype))
-        pose_loss = lc.pose_weight * (rot + trans)
-        t1 = time.perf_counter()
+        x1, x2 = b.x1.to(self.dtype), b.x2.to(self.dtype)
+        stage_logits = self.net.stage_logits(b.features, b.mask, x1, x2)
+        stage_weights = [torch.sigmoid(logits) for logits in stage_logits]
+        leaves = [w.detach().to(self.dtype).requires_grad_() for w in stage_weights]
+        t0 = self._clock()
+        rot = trans = 0.0
+        for w_geo in leaves:               # every stage's pose is trained (the last one is the output)
+            pose = pose_from_weights(x1, x2, w_geo, tc.backward, tc.sampson_reweighting)
+            rot = rot + rotation_error(pose.R, b.R.to(self.dtype)).mean()
+            trans = trans + mean_translation_angle(pose.t, b.t.to(self.dtype))
+        rot, trans = rot / len(leaves), trans / len(leaves)
+        pose_weight = lc.pose_weight if self.step_index >= lc.pose_start_step else 0.0
+        pose_loss = pose_weight * (rot + trans)
+        t1 = self._clock()
         pose_loss.backward()
-        t2 = time.perf_counter()
-        cls = inlier_classification(logits, b.d_gt, lc.label_threshold_px / b.focal, b.mask).mean()
+        t2 = self._clock()
+        cls = sum(inlier_classification(logits, b.d_gt, lc.label_threshold_px / b.focal, b.mask).mean()
+                  for logits in stage_logits) / len(stage_logits)
         self.optimizer.zero_grad(set_to_none=True)
-        (lc.sampson_weight * cls + (weights * w_geo.grad.to(weights.dtype)).sum()).backward()
-        t3 = time.perf_counter()
-        finite = bool(torch.isfinite(w_geo.grad).all()) and all(
+        chained = sum((w * leaf.grad.to(w.dtype)).sum() for w, leaf in zip(stage_weights, leaves))
+        (lc.sampson_weight * cls + chained).backward()
+        t3 = self._clock()
+        finite = all(bool(torch.isfinite(leaf.grad).all()) for leaf in leaves) and all(
             bool(torch.isfinite(p.grad).all()) for p in self.net.parameters() if p.grad is not None)
         if finite:
             self.optimizer.step()
@@ -284,7 +299,8 @@ class TwoViewEstimator:
     def weights(self, matches: Matches) -> torch.Tensor:
         """Inlier weights (N,) float64 in (0, 1) of ``matches``."""
         features = torch.from_numpy(match_features(matches))[None]
-        return self.net(features, torch.ones(features.shape[:2], dtype=torch.bool))[0].double()
+        x1, x2 = torch.from_numpy(matches.x1)[None], torch.from_numpy(matches.x2)[None]
+        return self.net(features, torch.ones(features.shape[:2], dtype=torch.bool), x1, x2)[0].double()
 
     @torch.no_grad()
     def weighted_pose(self, matches: Matches, weights: Optional[torch.Tensor] = None):
