@@ -82,6 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--device", default="auto",
                      help="auto (CUDA when present) | cpu | cuda[:N]; the learned method's (classical runs on the CPU)")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    run.add_argument("--inlier-net", type=Path, default=None,
+                     help="classical: weights of the two-view inlier network (weights/two_view_inlier_net.pt) to "
+                          "guide the essential-matrix RANSAC; default OpenCV's estimator")
     vo = p.add_argument_group("streaming VO (learned); defaults in vo.streaming.settings.StreamingConfig")
     vo.add_argument("--patches-per-frame", type=int, default=None, help="default: the checkpoint's")
     vo.add_argument("--edge-span", type=int, default=None)
@@ -169,7 +172,7 @@ def make_methods(args, device) -> dict:
                 optimization_window=args.optimization_window, keyframe_flow_px=args.keyframe_flow_px,
                 init_min_flow_px=args.init_min_flow_px, active_keyframes=args.active_keyframes)
         else:
-            methods[name] = classical_method(args.max_frames)
+            methods[name] = classical_method(args.max_frames, inlier_net=args.inlier_net)
     return methods
 
 

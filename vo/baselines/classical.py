@@ -94,6 +94,10 @@ class ClassicalVO:
         intrinsics: ``[fx fy cx cy]`` in pixels of the images given to :meth:`track`
             (a sequence, numpy array or tensor).
         config: a :class:`ClassicalVOConfig` (defaults if ``None``).
+        inlier_net: optional learned inlier weights for the essential-matrix step: an object with
+            :func:`~vo.baselines.two_view.essential_pose`'s contract as its ``essential_pose(K, p_a, p_b,
+            threshold_px, confidence)`` (:class:`vo.two_view.train.TwoViewEstimator`: the network's weights
+            guide RANSAC); None: OpenCV's ``essential_method``.
 
     :attr:`stats` holds per-stage wall-clock seconds (``detect_s``, ``track_s``,
     ``pose_s`` (essential matrix, homography, PnP), ``triangulate_s``, ``ba_s``)
@@ -102,11 +106,12 @@ class ClassicalVO:
     ``pnp_inliers_mean``, ``interpolated_frames``, ``reference_resets``).
     """
 
-    def __init__(self, intrinsics, config: Optional[ClassicalVOConfig] = None):
+    def __init__(self, intrinsics, config: Optional[ClassicalVOConfig] = None, inlier_net=None):
         k = np.asarray(intrinsics.detach().cpu() if hasattr(intrinsics, "detach") else intrinsics, np.float64)
         if k.shape != (4,) or not np.isfinite(k).all() or k[0] <= 0 or k[1] <= 0:
             raise ValueError(f"intrinsics: expected 4 finite numbers [fx fy cx cy] with fx, fy > 0, got {k!r}")
         self.cfg = config if config is not None else ClassicalVOConfig()
+        self.inlier_net = inlier_net
         self.K = np.array([[k[0], 0, k[2]], [0, k[1], k[3]], [0, 0, 1]], np.float64)
         self.K_inv = np.linalg.inv(self.K)
         self.timestamps: list[float] = []
@@ -241,8 +246,12 @@ class ClassicalVO:
                            self.cfg.min_triangulation_angle_deg)
 
     def _essential(self, p_a: np.ndarray, p_b: np.ndarray) -> Optional[tuple[np.ndarray, np.ndarray]]:
-        """:func:`~vo.baselines.two_view.essential_pose` with the config's estimator (timed as ``pose_s``)."""
+        """:func:`~vo.baselines.two_view.essential_pose` with the config's estimator, or the ``inlier_net``'s
+        guided RANSAC when one is given (timed as ``pose_s``)."""
         with self._timed("pose_s"):
+            if self.inlier_net is not None:
+                return self.inlier_net.essential_pose(self.K, p_a, p_b, self.cfg.essential_threshold_px,
+                                                      self.cfg.ransac_confidence)
             return essential_pose(self.K, p_a, p_b, self.cfg.essential_method, self.cfg.essential_threshold_px,
                                   self.cfg.ransac_confidence)
 

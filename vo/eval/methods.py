@@ -62,18 +62,27 @@ def learned_method(checkpoint: str | os.PathLike, device, max_frames: Optional[i
     return run
 
 
-def classical_method(max_frames: Optional[int] = None) -> Method:
+def classical_method(max_frames: Optional[int] = None, inlier_net=None) -> Method:
     """The classical VO with its default :class:`~vo.baselines.settings.ClassicalVOConfig`; ``seed`` seeds
-    OpenCV's RANSAC.  ``stats``: the VO's own (:attr:`ClassicalVO.stats`) plus ``track_seconds``, ``fps``
+    OpenCV's RANSAC (and the samples of ``inlier_net``, the weights file of a two-view inlier network
+    (:class:`vo.two_view.train.TwoViewEstimator`) that then guides the essential-matrix step).
+    ``stats``: the VO's own (:attr:`ClassicalVO.stats`) plus ``track_seconds``, ``fps``
     (frames / seconds inside ``track``), ``load_seconds`` (reading images), ``peak_rss_mb``, ``rss_growth_mb``."""
     import cv2
 
     from vo.baselines.classical import ClassicalVO
     from vo.streaming.profiling import RssSampler, peak_rss_mb
 
+    estimator = None
+    if inlier_net is not None:
+        from vo.two_view.train import TwoViewEstimator
+        estimator = TwoViewEstimator.load(inlier_net)
+
     def run(sequence, seed: int) -> Run:
         cv2.setRNGSeed(seed)
-        vo = ClassicalVO(sequence.intrinsics)
+        if estimator is not None:
+            estimator.reseed(seed)
+        vo = ClassicalVO(sequence.intrinsics, inlier_net=estimator)
         n = frames_used(sequence, max_frames)
         rss, load, track = RssSampler(), 0.0, 0.0
         for i in range(n):

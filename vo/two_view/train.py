@@ -32,10 +32,11 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ba_layer.essential import MIN_POINTS
 from vo.train.checkpoint import atomic_save
 
 from .losses import inlier_classification, mean_translation_angle, rotation_error
-from .matches import FEATURE_NAMES, MatcherConfig, Matches, match_features
+from .matches import FEATURE_NAMES, MatcherConfig, Matches, from_pixels, match_features
 from .metrics import rotation_error_deg, summarise, translation_error_deg
 from .network import InlierNet, InlierNetConfig, count_parameters
 from .pairs import PairSet, make_batch
@@ -270,9 +271,15 @@ def export_weights(net: InlierNet, config: TwoViewConfig, path, provenance: Opti
 class TwoViewEstimator:
     """A trained inlier network with its pose settings: weights and relative poses of :class:`Matches`."""
 
-    def __init__(self, net: InlierNet, matcher: MatcherConfig, ransac: GuidedRansacConfig, sampson_reweighting: int):
+    def __init__(self, net: InlierNet, matcher: MatcherConfig, ransac: GuidedRansacConfig, sampson_reweighting: int,
+                 seed: int = 0):
         self.net, self.matcher, self.ransac = net.eval(), matcher, ransac
         self.sampson_reweighting = sampson_reweighting
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the random samples of :meth:`essential_pose` from ``seed``."""
+        self.generator.manual_seed(seed)
 
     @classmethod
     def load(cls, path) -> "TwoViewEstimator":
@@ -309,6 +316,29 @@ class TwoViewEstimator:
         x1, x2 = torch.from_numpy(matches.x1)[None], torch.from_numpy(matches.x2)[None]
         pose = pose_from_weights(x1, x2, w[None], "ift", self.sampson_reweighting)
         return pose.R[0], pose.t[0]
+
+    @torch.no_grad()
+    def essential_pose(self, K: np.ndarray, p_a: np.ndarray, p_b: np.ndarray, threshold_px: float,
+                       confidence: float):
+        """The classical VO's essential-matrix step with the network's weights guiding RANSAC.
+
+        Same contract as :func:`vo.baselines.two_view.essential_pose`: pixels ``p_a``, ``p_b`` (N, 2) of views a
+        and b (tracks: no side information), ``K`` (3, 3); returns ``(T_ba (4, 4) with a unit translation,
+        inlier indices)`` with ``X_b = R X_a + t``, or None when no pose is found.
+        """
+        intrinsics = np.array([K[0, 0], K[1, 1], K[0, 2], K[1, 2]], np.float64)
+        matches = from_pixels(p_a, p_b, intrinsics, intrinsics)
+        if len(matches) < MIN_POINTS:
+            return None
+        config = dataclasses.replace(self.ransac, threshold_px=threshold_px, confidence=confidence)
+        try:
+            result = self.ransac_pose(matches, 0.5 * float(K[0, 0] + K[1, 1]), generator=self.generator,
+                                      config=config)
+        except ValueError:                # too few inliers: no pose, as OpenCV's estimator returning None
+            return None
+        T_ba = np.eye(4)
+        T_ba[:3, :3], T_ba[:3, 3] = result.R.numpy(), result.t.numpy()
+        return T_ba, np.flatnonzero(result.inliers.numpy())
 
     @torch.no_grad()
     def ransac_pose(self, matches: Matches, focal_px: float, weights: Optional[torch.Tensor] = None,
