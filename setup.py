@@ -16,7 +16,7 @@ greedy a claim on the top-level namespace).
 """
 from setuptools import setup
 
-VO_SUBPACKAGES = ("model", "train", "instrument", "streaming", "eval", "baselines")
+VO_SUBPACKAGES = ("model", "train", "instrument", "streaming", "eval", "baselines", "two_view")
 
 CORE = [
     "torch>=2.1",
