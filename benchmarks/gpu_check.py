@@ -51,7 +51,7 @@ SHIPPED = REPO / "weights" / "veracity_synthetic.pt"
 #: Sizes of the full run and of the CPU smoke run (``--tiny``).
 SIZES = {
     "full": dict(image=(480, 640), train_scenes=8, train_frames=48, stream_frames=200, sync_frames=60,
-                 amp_steps=50, fp32_steps=20, warmup=3, ba_repeats=10, ba_patches=96),
+                 amp_steps=50, fp32_steps=20, warmup=2, ba_repeats=5, ba_patches=96),
     "tiny": dict(image=(48, 64), train_scenes=1, train_frames=12, stream_frames=16, sync_frames=16,
                  amp_steps=3, fp32_steps=2, warmup=1, ba_repeats=1, ba_patches=8),
 }
@@ -192,7 +192,7 @@ def dpvo_sized_network(tiny: bool):
 
 
 def run_streaming(net, device: torch.device, seq_root: Path, size: dict, frames: int, count_syncs: bool,
-                  overrides: dict) -> dict:
+                  overrides: dict, limit_s: float = float("inf")) -> dict:
     from veracity_datasets.registry import open_sequences
     from vo.eval.trained_model import streaming_config_for
     from vo.streaming.runner import StreamingVO
@@ -218,6 +218,8 @@ def run_streaming(net, device: torch.device, seq_root: Path, size: dict, frames:
                 sync(device)
                 seconds.append(time.perf_counter() - t0)
                 tracking.append(vo.initialised and vo.counts["updates"] > config.init_updates)
+                if sum(seconds) > limit_s:
+                    break
         finally:
             if device.type == "cuda":
                 torch.cuda.set_sync_debug_mode("default")
@@ -225,7 +227,9 @@ def run_streaming(net, device: torch.device, seq_root: Path, size: dict, frames:
     T = vo.poses()
     after = [s for s, t in zip(seconds, tracking) if t]
     stats = vo.stats()
-    return {"frames": frames, "image_size": stats["image_size"], "fps": frames / sum(seconds),
+    frames = len(seconds)
+    return {"frames": frames, "stopped_by_time_limit": frames < len(images), "image_size": stats["image_size"],
+            "fps": frames / sum(seconds),
             "fps_after_init": len(after) / sum(after) if after else float("nan"),
             "peak_gpu_mb": peak_mb(device), "max_edges": stats["max_edges"],
             "patches_per_frame": stats["patches_per_frame"],
@@ -261,11 +265,14 @@ def best_ms(fn, device: torch.device, repeats: int) -> float:
     return 1e3 * min(times)
 
 
-def run_ba(device: torch.device, repeats: int, tiny: bool, patches: int) -> dict:
+def run_ba(device: torch.device, repeats: int, tiny: bool, patches: int, limit_s: float = float("inf")) -> dict:
     from ba_layer.ba import bundle_adjust
 
-    rows = {}
+    rows, start = {}, time.perf_counter()
     for name, p in ba_problems_on(device, tiny, patches).items():
+        if time.perf_counter() - start > limit_s:
+            rows[name] = {"skipped": "time limit"}
+            continue
         def solve(**kw):
             return bundle_adjust(p.T_wc_init, p.patches_init, p.intrinsics, p.ii, p.jj, p.kk, p.targets, p.weights,
                                  fixed_poses=p.fixed_poses, iterations=BA_ITERATIONS, **kw)
@@ -351,6 +358,8 @@ def table(result: dict) -> str:
         lines += ["", "| BA problem | edges | ms/iter | " + " | ".join(f"bwd {m} ms" for m in modes) + " |",
                   "|" + " --- |" * (3 + len(modes))]
         for name, r in ba.items():
+            if "skipped" in r:
+                continue
             lines.append(f"| {name} | {r['edges']} | {fmt(r['ms_per_iter'])} | "
                          + " | ".join(fmt(r["backward_ms"][m]) for m in modes) + " |")
     failed = [k for k, v in s.items() if not v["ok"]]
@@ -367,6 +376,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 2)),
                    help="generator processes for the training set")
     p.add_argument("--skip", nargs="*", default=[], help="sections to skip (tests, training, streaming, ba)")
+    p.add_argument("--budget-s", type=float, default=420.0,
+                   help="wall-clock budget of the whole run; sections shrink or are skipped to stay inside it")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -380,16 +391,20 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         result["bf16_supported"] = torch.cuda.is_bf16_supported()
     t_start = time.perf_counter()
+
+    def left() -> float:
+        return args.budget_s - (time.perf_counter() - t_start)
+
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         root = Path(tmp)
         procs = start_generation(root, size, args.workers)
         if "tests" not in args.skip:
-            section(result, "tests", args.out, run_tests, device, 240)
-        data = section(result, "data", args.out, wait_generation, procs, root, 300)
+            section(result, "tests", args.out, run_tests, device, max(30.0, 0.3 * left()))
+        data = section(result, "data", args.out, wait_generation, procs, root, max(30.0, 0.4 * left()))
         if data and "training" not in args.skip:
-            for amp, steps in ((True, size["amp_steps"]), (False, size["fp32_steps"])):
+            for amp, steps, share in ((True, size["amp_steps"], 0.3), (False, size["fp32_steps"], 0.2)):
                 section(result, "train_amp" if amp else "train_fp32", args.out, run_training, device,
-                        Path(data["train_root"]), size, args.tiny, amp, steps, 120)
+                        Path(data["train_root"]), size, args.tiny, amp, steps, share * left())
         if data and "streaming" not in args.skip:
             dpvo_net, _ = dpvo_sized_network(args.tiny)
             nets = [("stream_dpvo_sized", dpvo_net, {"init_min_flow_px": 0.0})]
@@ -398,11 +413,12 @@ def main(argv=None) -> int:
                 nets.append(("stream_shipped", load_model(SHIPPED)[0], {}))
             for name, net, overrides in nets:
                 section(result, name, args.out, run_streaming, net, device, Path(data["stream_root"]), size,
-                        size["stream_frames"], False, overrides)
+                        size["stream_frames"], False, overrides, 0.15 * left())
                 section(result, name + "_syncs", args.out, run_streaming, net, device, Path(data["stream_root"]),
-                        size, size["sync_frames"], True, overrides)
+                        size, size["sync_frames"], True, overrides, 0.1 * left())
         if "ba" not in args.skip:
-            section(result, "ba", args.out, run_ba, device, size["ba_repeats"], args.tiny, size["ba_patches"])
+            section(result, "ba", args.out, run_ba, device, size["ba_repeats"], args.tiny, size["ba_patches"],
+                    0.8 * left())
     result["total_seconds"] = round(time.perf_counter() - t_start, 1)
     args.out.write_text(json.dumps(result, indent=2, default=float) + "\n", encoding="utf-8")
     print(table(result))
