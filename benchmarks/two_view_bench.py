@@ -25,6 +25,7 @@ throughout, the solver's backward milliseconds per step, the final validation AU
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -68,9 +69,8 @@ def run_pairs(seq, args, estimator, matcher, generator) -> dict:
     K = np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
     focal = 0.5 * (fx + fy)
     threshold = args.threshold_px / focal
-    ransac_cfg = estimator.ransac.__class__(**{**estimator.ransac.__dict__, "threshold_px": args.threshold_px,
-                                               "confidence": args.confidence})
-    uniform_cfg = ransac_cfg.__class__(**{**ransac_cfg.__dict__, "weighted_score": False})
+    ransac_cfg = dataclasses.replace(estimator.ransac, threshold_px=args.threshold_px, confidence=args.confidence)
+    uniform_cfg = dataclasses.replace(ransac_cfg, weighted_score=False)
     out = {m: {"rot": [], "trans": [], "ms": []} for m in METHODS}
     match_ms, n_matches, skipped = [], [], 0
     stride = args.stride or args.gap

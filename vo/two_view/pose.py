@@ -13,9 +13,11 @@ Sampson error (the linear, RANSAC-free counterpart of a geometric refit).
 Test-time path (:func:`guided_ransac`), no gradient: minimal samples of eight matches drawn with probability
 proportional to the weights (NG-RANSAC, Brachmann & Rother 2019), each hypothesis scored by the
 weighted MSAC cost ``sum_n w_n min(d_n^2, tau^2)`` (``d_n`` the Sampson distance), adaptive stopping with the
-weighted inlier ratio, then local optimisation: the Sampson re-weighted eight-point on the inliers and a
-Levenberg-Marquardt polish of the Sampson error over ``(R, t)`` on the essential manifold
-(:func:`polish_pose`), and the cheirality decision.
+probability that a drawn match is an inlier, then local optimisation, each step kept only if it lowers the
+MSAC cost: Sampson re-weighted eight-point refits on the inliers, the cheirality decision, and a
+Levenberg-Marquardt polish of the inliers' Sampson error over ``(R, t)`` on the essential manifold
+(:func:`polish_pose`).  With equal weights this is plain RANSAC with the same local optimisation (the
+benchmark's ``uniform_ransac`` row).
 
 Conventions as :mod:`ba_layer.essential`: ``x1, x2`` normalised coordinates, ``X2 = R X1 + t`` (``T_21``),
 ``t`` unit norm, ``E ~ [t]x R``.  Thresholds are Sampson distances in normalised units (pixels / focal).

@@ -65,25 +65,26 @@ def _geometry_dtype(name: str) -> torch.dtype:
 
 
 @torch.no_grad()
-def evaluate_weighted_pose(net: InlierNet, pairs: PairSet, backward_cfg, batch: int = VALIDATION_BATCH) -> dict:
+def evaluate_weighted_pose(net: InlierNet, pairs: PairSet, train_cfg, label_threshold_px: float,
+                           batch: int = VALIDATION_BATCH) -> dict:
     """Weighted eight-point (no RANSAC) on every pair of ``pairs`` with all its matches.
 
     Returns :func:`vo.two_view.metrics.summarise`'s figures plus ``inlier_precision``/``inlier_recall`` of
-    ``weight > 1/2`` against the ground-truth labels (Sampson distance to ``E_gt`` below 1.5 px).
+    ``weight > 1/2`` against the ground-truth labels (distance to the ground truth below ``label_threshold_px``).
     """
     net.eval()
     rot, trans, tp, fp, fn = [], [], 0, 0, 0
-    dtype = _geometry_dtype(backward_cfg.geometry_dtype)
+    dtype = _geometry_dtype(train_cfg.geometry_dtype)
     for lo in range(0, len(pairs), batch):
         device = next(net.parameters()).device
         b = make_batch(pairs, range(lo, min(lo + batch, len(pairs))), max_matches=0).to(device)
         x1, x2 = b.x1.to(dtype), b.x2.to(dtype)
         weights = net(b.features, b.mask, x1, x2)
-        pose = pose_from_weights(x1, x2, weights.to(dtype), "ift", backward_cfg.sampson_reweighting)
+        pose = pose_from_weights(x1, x2, weights.to(dtype), "ift", train_cfg.sampson_reweighting)
         for k in range(len(b.index)):
             rot.append(rotation_error_deg(pose.R[k].double().cpu().numpy(), b.R[k].cpu().numpy()))
             trans.append(translation_error_deg(pose.t[k].double().cpu().numpy(), b.t[k].cpu().numpy()))
-        label = (b.d_gt < (1.5 / b.focal).unsqueeze(-1)) & b.mask
+        label = (b.d_gt < (label_threshold_px / b.focal).unsqueeze(-1)) & b.mask
         pred = (weights > 0.5) & b.mask
         tp += int((label & pred).sum())
         fp += int((~label & pred).sum())
@@ -200,7 +201,7 @@ class TwoViewTrainer:
 
     # -------------------------------------------------------------- the run
     def validate(self) -> dict:
-        return evaluate_weighted_pose(self.net, self.val_pairs, self.config.train)
+        return evaluate_weighted_pose(self.net, self.val_pairs, self.config.train, self.config.loss.label_threshold_px)
 
     def run(self, progress=print, stop_at: Optional[int] = None) -> dict:
         """Train to ``train.steps`` (resuming if a checkpoint is there); write and return the summary.
