@@ -86,15 +86,9 @@ def test_clip_graph_edges_and_neighbours():
     patch_frame = torch.tensor([0, 0, 1, 2])
     graph = clip_graph(patch_frame, 3)
     edges = set(zip(graph.kk.tolist(), graph.jj.tolist()))
-    assert edges == {(k, j) for k in range(4) for j in range(3) if j != int(patch_frame[k])}
+    assert edges == {(k, j) for k in range(4) for j in range(3)}           # self-edges (j == ii) included
     assert torch.equal(graph.ii, patch_frame[graph.kk])
-    for e in range(len(graph)):
-        k, j = int(graph.kk[e]), int(graph.jj[e])
-        for nb, want_j in ((graph.prev_edge[e], j - 1), (graph.next_edge[e], j + 1)):
-            if (k, want_j) in edges:
-                assert int(graph.kk[nb]) == k and int(graph.jj[nb]) == want_j
-            else:
-                assert int(nb) == -1
+    _assert_sorted_neighbours(graph)
     pairs = {}
     for e in range(len(graph)):
         key = (int(graph.ii[e]), int(graph.jj[e]))
@@ -102,6 +96,28 @@ def test_clip_graph_edges_and_neighbours():
     assert all(len(v) == 1 for v in pairs.values()) and len({next(iter(v)) for v in pairs.values()}) == len(pairs)
     near = clip_graph(torch.arange(5), 5, max_frame_gap=1)
     assert int((near.ii - near.jj).abs().max()) == 1
+    no_self = clip_graph(patch_frame, 3, self_edges=False)
+    assert bool((no_self.ii != no_self.jj).all()) and len(no_self) == 4 * 2
+    # without its self-edge, patch 2 (frame 1) has edges into frames 0 and 2 only: they are neighbours (DPVO's
+    # sorted order), where a look-up of exactly jj -+ 1 would leave both without one
+    e0 = int(((no_self.kk == 2) & (no_self.jj == 0)).nonzero())
+    e2 = int(((no_self.kk == 2) & (no_self.jj == 2)).nonzero())
+    assert int(no_self.next_edge[e0]) == e2 and int(no_self.prev_edge[e2]) == e0
+    _assert_sorted_neighbours(no_self)
+
+
+def _assert_sorted_neighbours(graph):
+    """prev/next edge: the edge of the same patch into the nearest earlier/later target frame present, or -1."""
+    for e in range(len(graph)):
+        k, j = int(graph.kk[e]), int(graph.jj[e])
+        targets = sorted(int(t) for t in graph.jj[graph.kk == k])
+        before, after = [t for t in targets if t < j], [t for t in targets if t > j]
+        for nb, want in ((graph.prev_edge[e], before[-1] if before else None),
+                         (graph.next_edge[e], after[0] if after else None)):
+            if want is None:
+                assert int(nb) == -1
+            else:
+                assert int(graph.kk[nb]) == k and int(graph.jj[nb]) == want
 
 
 def test_patches_gather_the_right_pixels():

@@ -39,6 +39,7 @@ import torch
 from ba_layer import lie, projective
 from ba_layer.ba import MIN_INVERSE_DEPTH, bundle_adjust
 from vo.instrument.gradstats import snr_of_samples
+from vo.model.graph import geometric_weights
 from vo.model.patches import patch_grid
 from vo.train.losses import edge_set_mask, flow_objective, ground_truth_coords, ground_truth_inverse_depth, pose_errors
 
@@ -191,6 +192,9 @@ def problem_of_update(output, update: int, ba_cfg, patch_size: int) -> BAProblem
         raise ValueError(f"update: expected an update index in [1, {n}) (or negative), got {update}: the start "
                          f"state of update 0 is not part of the network's output")
     prev, step = output.steps[k - 1], output.steps[k]
+    if step.n_frames != prev.n_frames:
+        raise ValueError(f"update: frames join the graph at update {k} (model.schedule: {prev.n_frames} -> "
+                         f"{step.n_frames} frames), so its start is not update {k - 1}'s output: pick another")
     g = output.graph
     settings = dict(iterations=ba_cfg.iterations, damping=ba_cfg.damping, fixed_poses=ba_cfg.fixed_poses,
                     backward=ba_cfg.backward, truncate_k=ba_cfg.truncate_k, mode="full",
@@ -201,7 +205,8 @@ def problem_of_update(output, update: int, ba_cfg, patch_size: int) -> BAProblem
     return BAProblemOfUpdate(
         T_wc=prev.T_wc.detach(), inverse_depth=prev.inverse_depth.detach(), centres=output.centres,
         patch_size=patch_size, intrinsics=output.intrinsics.detach(), ii=g.ii, jj=g.jj, kk=g.kk,
-        targets=step.targets.detach(), weights=step.weights.detach(), solution_T_wc=step.T_wc.detach(),
+        targets=step.targets.detach(), weights=geometric_weights(step.weights.detach(), g.ii, g.jj),
+        solution_T_wc=step.T_wc.detach(),
         solution_inverse_depth=step.inverse_depth.detach(), settings=settings)
 
 

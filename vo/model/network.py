@@ -3,13 +3,16 @@
 ``VONet.forward`` reads as the method:
 
 1. encode every frame (matching and context features at 1/4 resolution);
-2. pick patches and build the patch graph (every patch to every other frame);
+2. pick patches and build the patch graph (every patch to every frame);
 3. start from identity poses and random inverse depths;
-4. repeat ``iters`` times: reproject the patches with the current poses and
-   depths; look up correlation around the reprojections; run the update
-   operator, which revises the reprojected centre (the BA *target*) and
-   predicts a confidence *weight*; run a few iterations of the weighted
-   Gauss-Newton BA on poses and inverse depths.
+4. repeat ``iters`` times: let the frames the schedule (``model.schedule``,
+   :mod:`vo.model.schedule`) names join (``dpvo``: one per update after the
+   first ``init_updates``, as the streaming runner inserts them); reproject the
+   patches of the present edges with the current poses and depths; look up
+   correlation around the reprojections; run the update operator, which
+   revises the reprojected centre (the BA *target*) and predicts a confidence
+   *weight*; run a few iterations of the weighted Gauss-Newton BA on the
+   joined frames' poses and inverse depths.
 
 As in DPVO, poses and depths are detached at the start of every update
 (``model.detach_between_updates``): gradients reach the network through the
@@ -41,9 +44,10 @@ from ba_layer.ba import bundle_adjust
 from vo.config import dataclass_from_section
 from vo.model.correlation import AllPairsCorrBlock, CorrBlock
 from vo.model.encoders import FEATURE_STRIDE, Encoder
-from vo.model.graph import PatchGraph, clip_graph
+from vo.model.graph import PatchGraph, clip_graph, geometric_weights
 from vo.model.patches import from_host, gather_patches, image_gradient_score, patch_grid, select_centres
 from vo.model.precision import Precision
+from vo.model.schedule import SCHEDULES, ScheduleStep, join_frame, joining_frames, schedule
 from vo.model.update import UpdateOperator
 
 #: ``corr_impl: auto`` uses the all-pairs volume when it holds at most this many numbers (4 bytes each).
@@ -72,10 +76,21 @@ class ModelConfig:
     init_inverse_depth: tuple = (0.25, 1.0)   # uniform range of the initial inverse depths (normalised scene)
     detach_between_updates: bool = True        # DPVO: gradients do not chain through successive BA solutions
     corr_impl: str = "auto"          # all_pairs (volume per clip) | windowed | auto (all_pairs if it fits)
+    schedule: str = "dpvo"           # dpvo: frames join one per update as the streaming runner inserts them
+    #                                  (vo.model.schedule) | all_pairs: every edge from the first update
+    init_frames: int = 4             # dpvo: frames connected from the first update (DPVO: 8 of 15)
+    init_updates: int = 4            # dpvo: updates before the first frame joins (DPVO: 8)
+    drop_probability: float = 0.1    # dpvo: per joining frame, chance that frame n - 4 loses its edges (DPVO)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        return dataclass_from_section(cls, d, "model", tuples=("corr_levels", "init_inverse_depth"))
+        cfg = dataclass_from_section(cls, d, "model", tuples=("corr_levels", "init_inverse_depth"))
+        if cfg.schedule not in SCHEDULES:
+            raise ValueError(f"model.schedule: expected one of {SCHEDULES}, got '{cfg.schedule}'")
+        if cfg.init_frames < 2 or cfg.init_updates < 0 or not 0.0 <= cfg.drop_probability <= 1.0:
+            raise ValueError(f"model.init_frames >= 2, model.init_updates >= 0 and model.drop_probability in "
+                             f"[0, 1] expected, got {cfg.init_frames}, {cfg.init_updates}, {cfg.drop_probability}")
+        return cfg
 
 
 @dataclass
@@ -118,6 +133,10 @@ class UpdateStep:
     weights: torch.Tensor         # (B, E, 2) BA confidence weights
     delta: torch.Tensor           # (B, E, 2) flow revision
     ba_status: Any = None         # the BA layer's status record
+    active: Optional[torch.Tensor] = None   # (E,) bool: edges present at this update (None: all); absent
+    #                                         edges have valid False and zero targets, weights and delta
+    n_frames: Optional[int] = None          # frames joined at this update (None: all); the others' poses
+    #                                         in T_wc are placeholders
 
 
 @dataclass
@@ -186,6 +205,21 @@ class VONet(nn.Module):
             centres.append(from_host(drawn, images.device))
         return torch.stack(centres)
 
+    def schedule(self, N: int, iters: int, generator: Generators,
+                 device: torch.device) -> list[ScheduleStep]:
+        """The per-update graphs of a clip of ``N`` frames over :func:`clip_graph_on`'s graph (``model.schedule``,
+        :mod:`vo.model.schedule`); the ``dpvo`` schedule's edge drops drawn (``model.drop_probability``) from the
+        first clip's generator, one draw per joining frame, shared by the clips of the batch."""
+        c = self.cfg
+        drops: tuple = ()
+        if c.schedule == "dpvo":
+            n_joins = sum(len(j) for j in joining_frames(N, iters, c.init_frames, c.init_updates))
+            g = generator[0] if isinstance(generator, (list, tuple)) else generator
+            u = torch.rand(n_joins, generator=g, device="cpu" if g is None else g.device)
+            drops = tuple(bool(x) for x in (u < c.drop_probability).cpu())
+        return clip_schedule_on(N, c.patches_per_frame, c.max_frame_gap, iters, c.schedule, c.init_frames,
+                                c.init_updates, drops, device)
+
     @property
     def geometry_dtype(self) -> torch.dtype:
         """The dtype of projection, correlation and BA: the parameters' (float32, or float64 after ``.double()``),
@@ -230,7 +264,7 @@ class VONet(nn.Module):
             graph = clip_graph_on(N, c.patches_per_frame, c.max_frame_gap, images.device)
             corr_fn = self.correlation(fmap, patch_features)
 
-            M = graph.n_patches
+            M, p = graph.n_patches, c.patches_per_frame
             T_wc = T_wc_init.to(dtype) if T_wc_init is not None else _identity(B, N, fmap)
             d = inverse_depth_init.to(dtype) if inverse_depth_init is not None else \
                 self.initial_inverse_depth(B, M, fmap, generator)
@@ -238,35 +272,47 @@ class VONet(nn.Module):
             edge_context = context.index_select(1, graph.kk)
             centre = c.patch_size // 2
             margin = self.ba_cfg.bounds_margin_px
+            plan = self.schedule(N, iters, generator, images.device)
 
             steps = []
-            for k in range(iters):
+            for k, st in enumerate(plan):
                 if c.detach_between_updates:
                     T_wc, d = T_wc.detach(), d.detach()
-                grid = patch_grid(centres, c.patch_size, d)
-                coords = projective.transform(T_wc, grid, K, graph.ii, graph.jj, graph.kk).coords
-                correlation = corr_fn(coords, graph.jj, graph.kk)
+                for f in st.inserted:
+                    T_wc, d = join_frame(T_wc, d, f, p)
+                n, sub = st.n_frames, st.graph
+                grid = patch_grid(centres[:, :n], c.patch_size, d[:, :n * p])
+                K_n = K[:, :n]
+                coords = projective.transform(T_wc[:, :n], grid, K_n, sub.ii, sub.jj, sub.kk).coords
+                correlation = corr_fn(coords, sub.jj, sub.kk)
                 with precision.networks():
-                    out = self.update(hidden, edge_context, correlation, graph)
-                hidden = out.hidden
+                    out = self.update(_edges(hidden, st), _edges(edge_context, st), correlation, sub)
+                hidden = _scatter_edges(hidden, out.hidden, st)
                 delta, weights = out.delta.to(dtype), out.weights.to(dtype)
                 if debug:
                     _check_finite(k, delta=delta, weights=weights)
                 targets = coords[:, :, centre, centre] + delta
                 result = bundle_adjust(
-                    T_wc, grid, K, graph.ii, graph.jj, graph.kk, targets, weights,
+                    T_wc[:, :n], grid, K_n, sub.ii, sub.jj, sub.kk, targets, geometric_weights(weights, sub.ii, sub.jj),
                     iterations=self.ba_cfg.iterations, damping=self.ba_cfg.damping,
-                    fixed_poses=N if structure_only else self.ba_cfg.fixed_poses,
+                    fixed_poses=n if structure_only else min(self.ba_cfg.fixed_poses, n),
                     backward=self.ba_cfg.backward, truncate_k=self.ba_cfg.truncate_k,
                     mode="structure" if structure_only else "full",
                     image_size=(h, w), image_margin_px=margin, pose_damping=self.ba_cfg.pose_damping,
                     adaptive=self.ba_cfg.adaptive)
-                T_wc, d = result.T_wc, result.patches[:, :, 2, centre, centre]
-                reproj = projective.transform(T_wc, result.patches, K, graph.ii, graph.jj, graph.kk)
+                T_wc = torch.cat([result.T_wc, T_wc[:, n:]], dim=1)
+                d = torch.cat([result.patches[:, :, 2, centre, centre], d[:, n * p:]], dim=1)
+                reproj = projective.transform(T_wc, patch_grid(centres, c.patch_size, d), K,
+                                              graph.ii, graph.jj, graph.kk)
                 if debug:
                     _check_finite(k, T_wc=T_wc, inverse_depth=d)
-                steps.append(UpdateStep(T_wc=T_wc, inverse_depth=d, coords=reproj.coords, valid=reproj.valid,
-                                        targets=targets, weights=weights, delta=delta, ba_status=result.status))
+                zeros = targets.new_zeros(B, len(graph), 2)
+                steps.append(UpdateStep(
+                    T_wc=T_wc, inverse_depth=d, coords=reproj.coords,
+                    valid=reproj.valid if st.complete else reproj.valid & st.active.view(1, -1, 1, 1),
+                    targets=_scatter_edges(zeros, targets, st), weights=_scatter_edges(zeros, weights, st),
+                    delta=_scatter_edges(zeros, delta, st), ba_status=result.status,
+                    active=None if st.complete else st.active, n_frames=n))
         return VOOutput(steps=steps, graph=graph, centres=centres, intrinsics=K, feature_size=(h, w))
 
 
@@ -286,6 +332,27 @@ def clip_graph_on(n_frames: int, patches_per_frame: int, max_frame_gap: int, dev
     reads index maxima back to the host)."""
     patch_frame = torch.arange(n_frames).repeat_interleave(patches_per_frame)
     return clip_graph(patch_frame, n_frames, max_frame_gap or None).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def clip_schedule_on(n_frames: int, patches_per_frame: int, max_frame_gap: int, iters: int,
+                     kind: str, init_frames: int, init_updates: int, drops: tuple,
+                     device: torch.device) -> list[ScheduleStep]:
+    """:func:`vo.model.schedule.schedule` of :func:`clip_graph_on`'s graph, kept per sizes and drops: a pure
+    function of them, so a training step builds none after the first of its kind."""
+    graph = clip_graph_on(n_frames, patches_per_frame, max_frame_gap, device)
+    patch_frame = torch.arange(n_frames, device=device).repeat_interleave(patches_per_frame)
+    return schedule(graph, patch_frame, n_frames, iters, kind, init_frames, init_updates, drops)
+
+
+def _edges(x: torch.Tensor, step: ScheduleStep) -> torch.Tensor:
+    """The present edges' rows of ``x`` (B, E, ...)."""
+    return x if step.complete else x.index_select(1, step.edges)
+
+
+def _scatter_edges(full: torch.Tensor, x: torch.Tensor, step: ScheduleStep) -> torch.Tensor:
+    """``full`` (B, E, ...) with the present edges' rows replaced by ``x`` (B, E_active, ...) (out of place)."""
+    return x if step.complete else full.index_copy(1, step.edges, x)
 
 
 def debug_checks() -> bool:

@@ -17,7 +17,8 @@ Per new frame (DPVO's scheme, :class:`StreamingVO.track`):
    untrained or weak network predicts small flow whatever the motion: without
    the limit it would never initialise);
 4. add edges: the patches of the last ``edge_span`` keyframes to the new frame,
-   the new frame's patches to those keyframes;
+   the new frame's patches to those keyframes and to itself (self-edges: they
+   pass messages and have weight 0 in the BA, :func:`vo.model.graph.geometric_weights`);
 5. once ``init_frames`` frames are kept, run ``init_updates`` updates; after
    that ``updates_per_frame`` updates per frame.  An update reprojects every
    edge's patch, asks the source for targets and weights (the network carries
@@ -62,6 +63,7 @@ import torch
 from ba_layer import lie, projective
 from ba_layer.ba import LM_DECREASE_FACTOR, LM_INCREASE_FACTOR, MAX_DAMPING, bundle_adjust
 from vo.model.encoders import FEATURE_STRIDE
+from vo.model.graph import geometric_weights
 from vo.model.patches import image_gradient_score, select_centres
 from vo.streaming.keyframes import flow_magnitude
 from vo.streaming.pose_history import PoseHistory
@@ -229,7 +231,7 @@ class StreamingVO:
         K = len(self.window)
         recent = range(max(0, K - 1 - self.cfg.edge_span), K - 1)
         self.window.add_edges(recent, [K - 1])        # patches of recent keyframes into the new frame
-        self.window.add_edges([K - 1], recent)        # the new frame's patches into recent keyframes
+        self.window.add_edges([K - 1], [*recent, K - 1])   # the new frame's patches into them and itself
 
     def _active_edges(self, problem) -> Optional[torch.Tensor]:
         """(E,) bool: the edges an update re-predicts (None: all of them)."""
@@ -261,7 +263,7 @@ class StreamingVO:
         fixed = max(1, K - self.cfg.optimization_window) if self.initialised else 1
         with self.timer("ba"):
             result = bundle_adjust(problem.T_wc, problem.patches, problem.intrinsics, problem.ii, problem.jj,
-                                   problem.kk, w.targets, w.weights,
+                                   problem.kk, w.targets, geometric_weights(w.weights, problem.ii, problem.jj),
                                    iterations=self.cfg.ba_iterations, damping=self.damping,
                                    fixed_poses=min(fixed, K), image_size=self.feature_size,
                                    image_margin_px=self.cfg.bounds_margin_px, adaptive=self.cfg.ba_adaptive,

@@ -85,8 +85,9 @@ class StreamingConfig:
         return self.removal_window + 1
 
     def max_edges(self, patches_per_frame: int) -> int:
-        """Bound on the edges in the window: every patch of every frame to at most ``2 edge_span`` others."""
-        return self.max_frames * patches_per_frame * min(2 * self.edge_span, self.max_frames - 1)
+        """Bound on the edges in the window: every patch of every frame to at most ``2 edge_span`` others and
+        to its own frame."""
+        return self.max_frames * patches_per_frame * min(2 * self.edge_span + 1, self.max_frames)
 
     def to_dict(self) -> dict:
         d = asdict(self)

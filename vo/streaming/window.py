@@ -197,19 +197,19 @@ class KeyframeWindow:
 
     # ------------------------------------------------------------------ edges
     def add_edges(self, source_positions, target_positions) -> int:
-        """Edges from every patch of each source frame to each target frame (positions; pairs with equal
-        source and target are skipped, as are edges already present).  Returns the number added."""
+        """Edges from every patch of each source frame to each target frame (positions; a pair with equal
+        source and target gives the frame's self-edges, :mod:`vo.model.graph`; edges already present are
+        skipped).  Returns the number added."""
         src = torch.as_tensor(list(source_positions), dtype=torch.long)
         tgt = torch.as_tensor(list(target_positions), dtype=torch.long)
         if src.numel() == 0 or tgt.numel() == 0:
             return 0
         order = torch.tensor(self.order, dtype=torch.long)
-        s, t = torch.meshgrid(src, tgt, indexing="ij")
-        keep = s != t
-        s_slot, t_slot = order[s[keep]], order[t[keep]]
+        s, t = torch.meshgrid(src.reshape(-1), tgt.reshape(-1), indexing="ij")
+        s_slot, t_slot = order[s.reshape(-1)], order[t.reshape(-1)]
         s_slot = s_slot.repeat_interleave(self.p).to(self.device)
         t_slot = t_slot.repeat_interleave(self.p).to(self.device)
-        patch = torch.arange(self.p, device=self.device).repeat(int(keep.sum()))
+        patch = torch.arange(self.p, device=self.device).repeat(s.numel())
         if self.n_edges:
             present = torch.isin(self._edge_code(s_slot, t_slot, patch),
                                  self._edge_code(self.edge_source, self.edge_target, self.edge_patch))

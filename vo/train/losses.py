@@ -101,7 +101,7 @@ def _grid_with_depth(centres: torch.Tensor, P: int, inverse_depth: torch.Tensor)
 def edge_set_mask(graph: PatchGraph, edge_set: str) -> torch.Tensor:
     """(E,) bool: the edges an objective is computed on."""
     if edge_set == "all":
-        return torch.ones_like(graph.ii, dtype=torch.bool)
+        return graph.ii != graph.jj            # a self-edge's reprojection is the patch itself: no error
     if edge_set == "dpvo":
         gap = (graph.ii - graph.jj).abs()
         return (gap >= 1) & (gap <= 2)
@@ -286,17 +286,20 @@ def training_loss(output, T_wc_gt: torch.Tensor, depths: torch.Tensor, depth_val
         loss_it, e, ok = flow_objective(step.coords, coords_gt, valid_gt & step.valid, edges, weights)
         flow = flow + loss_it
         if it >= cfg.pose_from_iter:
-            pe = pose_errors(step.T_wc, T_wc_gt, detach_scale=cfg.detach_alignment_scale)
+            n = step.n_frames or T_wc_gt.shape[1]           # the frames joined so far (model.schedule)
+            pe = pose_errors(step.T_wc[:, :n], T_wc_gt[:, :n], detach_scale=cfg.detach_alignment_scale)
             translation = translation + pe.translation.mean()
             rotation = rotation + pe.rotation.mean()
     # diagnostics of the last update, always the plain flow error in pixels (1/4 resolution)
     last = output.final
     e_plain, ok_plain = edge_errors(last.coords.detach(), coords_gt, valid_gt & last.valid & edges.view(1, -1, 1, 1))
-    pe = pose_errors(last.T_wc.detach(), T_wc_gt)
+    n = last.n_frames or T_wc_gt.shape[1]
+    pe = pose_errors(last.T_wc[:, :n].detach(), T_wc_gt[:, :n])
+    present = edges if last.active is None else edges & last.active
     metrics.update({
         "flow_error_px": clip_mean(e_plain, ok_plain),
         "px_within_0.25": clip_mean((e_plain < 0.25).to(e_plain.dtype), ok_plain),
-        "valid_edge_fraction": (ok_plain.to(torch.float32).sum(1) / edges.sum().clamp_min(1)).mean(),
+        "valid_edge_fraction": (ok_plain.to(torch.float32).sum(1) / present.sum().clamp_min(1)).mean(),
         "translation_error": pe.translation.mean(),
         "rotation_error_deg": torch.rad2deg(pe.rotation.mean()),
         "alignment_scale": pe.scale.mean(),
