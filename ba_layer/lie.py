@@ -182,7 +182,7 @@ def compose(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 def inverse(T: torch.Tensor) -> torch.Tensor:
     """``T^-1`` (..., 7)."""
     T = pose_tensor(T, "T")
-    q_inv = T[..., 3:] * T.new_tensor([-1.0, -1.0, -1.0, 1.0])
+    q_inv = torch.cat([-T[..., 3:6], T[..., 6:]], dim=-1)       # the conjugate (no host-to-device copy)
     return torch.cat([-quaternion_rotate(q_inv, T[..., :3]), q_inv], dim=-1)
 
 
