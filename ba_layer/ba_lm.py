@@ -22,7 +22,15 @@ Levenberg-Marquardt, per problem of the batch
   factors again, up to :data:`MAX_FACTOR_RETRIES` times; if it still fails the
   problem is marked ``failed`` and the layer returns *its input unchanged*
   for it (never zeros);
-* ``adaptive=False`` gives DPVO's behaviour: fixed damping, every step taken.
+* ``adaptive=False`` gives DPVO's behaviour: fixed damping, every step taken
+  (a step to non-finite poses or depths is not: that problem keeps its state).
+
+Host reads (on a GPU each is a synchronisation): the iterations run first
+without retries, reading nothing on the host; one read at the end asks whether
+any factorisation failed (or, with ``adaptive=False``, any step left the finite
+numbers), and only then the call is run again with the retries above, which
+read on the host per iteration (:func:`run_lm`).  Either way the results are
+those of the rules above.
 
 Inverse depths are clamped to at least :data:`MIN_INVERSE_DEPTH` after each
 update (``clamp_min``: zero gradient where it is active, never NaN).  The whole
@@ -121,8 +129,11 @@ def with_retries(attempt, lam: torch.Tensor):
     return result, lam, failures, failed
 
 
-def _solve(neq, lam: torch.Tensor, cfg: BACall):
-    """Damped solve with retries.  Returns ``(x_p, x_d, lam_used, failures (B,), failed (B,))``."""
+def _solve(neq, lam: torch.Tensor, cfg: BACall, retries: bool = True):
+    """Damped solve, with retries (:func:`with_retries`) or one attempt (no host read).
+
+    Returns ``(x_p, x_d, lam_used, failures (B,), failed (B,))``.
+    """
     if neq.H is None and neq.C is None:                 # nothing to solve for (every pose fixed, motion mode)
         return None, None, lam, torch.zeros_like(lam, dtype=torch.long), torch.zeros_like(lam, dtype=torch.bool)
 
@@ -133,6 +144,9 @@ def _solve(neq, lam: torch.Tensor, cfg: BACall):
         fac = factor(neq, lam_try, cfg.pose_damping)
         return schur_solve(fac, neq.g_p, neq.g_d), fac.failed
 
+    if not retries:
+        (x_p, x_d), failed = attempt(lam)
+        return x_p, x_d, lam, failed.long(), failed
     (x_p, x_d), lam_used, failures, failed = with_retries(attempt, lam)
     return x_p, x_d, lam_used, failures, failed
 
@@ -183,10 +197,32 @@ def _predicted_decrease(lin: Linearization, data: EdgeData, x_p, x_d, cfg: BACal
 
 
 def run_lm(T, d, data: EdgeData, cfg: BACall, iterations: int, lam: torch.Tensor, grad_from: int,
-            T_in: torch.Tensor, d_in: torch.Tensor):
+           T_in: torch.Tensor, d_in: torch.Tensor):
     """The LM iterations; iterations ``< grad_from`` run without a graph (``truncated``, :mod:`ba_layer.ba`).
 
+    Host reads.  The iterations first run without reading anything on the host: one factorisation attempt
+    each, every step taken where ``adaptive=False`` (DPVO's steps), masked by ``torch.where`` per problem
+    otherwise.  One read follows: did a factorisation fail, or (``adaptive=False``) did a step leave the
+    finite numbers?  Only then does the call run again in the careful mode of the module docstring, which
+    retries failed factorisations at once and rejects non-finite steps, reading on the host each iteration.
+    The results are the careful mode's in every case (where nothing failed the two modes compute the same
+    numbers).  With ``adaptive`` and ``tolerance > 0`` one read per iteration also stops the loop once every
+    problem has converged.
+
     Returns ``(T, d, lin, lam, history, counters)``.
+    """
+    out, trouble = _iterate(T, d, data, cfg, iterations, lam, grad_from, T_in, d_in, careful=False)
+    if trouble is not None and bool(trouble.any()):                  # the call's one host read
+        out, _ = _iterate(T, d, data, cfg, iterations, lam, grad_from, T_in, d_in, careful=True)
+    return out
+
+
+def _iterate(T, d, data: EdgeData, cfg: BACall, iterations: int, lam: torch.Tensor, grad_from: int,
+             T_in: torch.Tensor, d_in: torch.Tensor, careful: bool):
+    """The iterations of :func:`run_lm`, carefully (retries, host reads) or not.
+
+    Returns ``((T, d, lin, lam, history, counters), trouble)``: ``trouble`` (B,) bool, or None when
+    ``careful`` or nothing was factored, marks the problems whose results need the careful mode.
     """
     B = T.shape[0]
     dev = T.device
@@ -199,6 +235,9 @@ def run_lm(T, d, data: EdgeData, cfg: BACall, iterations: int, lam: torch.Tensor
     failed = torch.zeros(B, dtype=torch.bool, device=dev)
     converged = torch.zeros(B, dtype=torch.bool, device=dev)
     iters_run = torch.zeros(B, dtype=torch.long, device=dev)
+    trouble = None
+    # a problem stops when it fails (only the careful mode goes on with the others) or converges
+    stoppable = careful or (cfg.adaptive and cfg.tolerance > 0)
     for it in range(iterations):
         if it == grad_from and grad_from > 0 and torch.is_grad_enabled():
             # straight-through attachment of the untracked iterations to the inputs
@@ -209,12 +248,13 @@ def run_lm(T, d, data: EdgeData, cfg: BACall, iterations: int, lam: torch.Tensor
         with torch.no_grad() if it < grad_from else nullcontext():
             active = ~(failed | converged)
             neq = assemble(lin, data, cfg.N, cfg.M, cfg.fixed, cfg.mode)
-            x_p, x_d, lam_used, n_fail, now_failed = _solve(neq, lam, cfg)
+            x_p, x_d, lam_used, n_fail, now_failed = _solve(neq, lam, cfg, retries=careful)
             failures = failures + torch.where(active, n_fail, torch.zeros_like(n_fail))
             failed = failed | (active & now_failed)
             T_c, d_c = _retract(T, d, x_p, x_d, cfg)
             lin_c = linearize(T_c, d_c, data, jacobians=it < iterations - 1)   # the last needs no Jacobians
-            ok = active & ~failed & _finite_state(T_c, d_c)
+            finite = _finite_state(T_c, d_c)
+            ok = active & ~failed & finite
             new_cost = _compared_cost(lin, lin_c, data)
             zero = torch.zeros_like(new_cost)
             hist.predicted.append(torch.where(ok, _predicted_decrease(lin, data, x_p, x_d, cfg), zero))
@@ -230,21 +270,21 @@ def run_lm(T, d, data: EdgeData, cfg: BACall, iterations: int, lam: torch.Tensor
             else:
                 accept = ok
             iters_run = iters_run + active.long()
-            all_acc, any_acc, any_active = torch.stack([accept.all(), accept.any(),
-                                                        (~(failed | converged)).any()]).tolist()
-            if all_acc:
-                T, d, lin = T_c, d_c, lin_c
+            if not careful and (x_p is not None or x_d is not None):
+                needs_care = now_failed if cfg.adaptive else now_failed | ~finite
+                trouble = needs_care if trouble is None else trouble | needs_care
+            if not careful and not cfg.adaptive:
+                T, d, lin = T_c, d_c, lin_c             # DPVO's steps: all taken (a failed one is trouble)
             else:
                 # where() even if no step was taken: the output stays connected to the graph (zero gradient)
                 T = torch.where(accept[:, None, None], T_c, T)
                 d = torch.where(accept[:, None], d_c, d)
-                if any_acc:
-                    lin = select(accept, lin_c, lin)
+                lin = select(accept, lin_c, lin)
             hist.cost.append(lin.cost.detach())
             hist.damping.append(lam_used.detach())
             hist.accepted.append(accept)
-            if not any_active:
+            if stoppable and not bool((~(failed | converged)).any()):
                 break
     counters = dict(cost_before=cost_before, valid_before=valid_before, failures=failures, failed=failed,
                     converged=converged, iterations_run=iters_run, reasons_before=reasons_before)
-    return T, d, lin, lam, hist, counters
+    return (T, d, lin, lam, hist, counters), trouble

@@ -76,8 +76,6 @@ class Factorization:
     failed: torch.Tensor             # (B,) bool: the factorisation failed (L replaced by identity)
 
 
-
-
 def _sum_by(x: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
     """Sum (..., E) over groups ``index`` (E,) into (..., size), the edge axis last.
 
@@ -195,12 +193,25 @@ def factor(neq: NormalEquations, lam: torch.Tensor, pose_damping: float = 0.0) -
             S = S - (E * Q.unsqueeze(1)) @ E.transpose(-1, -2)
         if pose_damping:
             S = S + pose_damping * torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
+        L, failed = _cholesky_or_identity(S)
+    return Factorization(L, Q, E, failed)
+
+
+def _cholesky_or_identity(S: torch.Tensor):
+    """Cholesky factors (B, K, K) of ``S``, the identity's for the problems whose factorisation failed.
+
+    Returns ``(L, failed (B,))`` without asking the host which failed.  Without a graph the failed factors
+    are replaced; with one, ``S`` is factored again with the identity in place of the failed systems, so that
+    no gradient passes through a failed factorisation (whose backward would divide by its zero pivots).
+    """
+    eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device).expand_as(S)
+    if not (torch.is_grad_enabled() and S.requires_grad):
         L, info = torch.linalg.cholesky_ex(S)
         failed = info != 0
-        if bool(failed.any()):
-            eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device).expand_as(S)
-            L, _ = torch.linalg.cholesky_ex(torch.where(failed[:, None, None], eye, S))
-    return Factorization(L, Q, E, failed)
+        return torch.where(failed[:, None, None], eye, L), failed
+    with torch.no_grad():
+        failed = torch.linalg.cholesky_ex(S.detach())[1] != 0
+    return torch.linalg.cholesky_ex(torch.where(failed[:, None, None], eye, S))[0], failed
 
 
 def schur_solve(fac: Factorization, r_p: Optional[torch.Tensor], r_d: Optional[torch.Tensor]):

@@ -375,20 +375,26 @@ def test_implicit_closed_form_for_targets_and_weights_equals_autograd_path(mode)
 
 # ------------------------------------------------------------------ failures
 def fake_cholesky(fail_problem: int, fail_calls: int):
-    """cholesky_ex that reports failure for one problem of the batch on its first ``fail_calls`` calls."""
+    """cholesky_ex that reports failure for one problem of the batch for the first ``fail_calls`` distinct
+    systems it is given.  Like a real factorisation it is a function of the matrix: the same system fails
+    again if the layer factors it again (it may: ba_lm.run_lm repeats a call in which a factorisation
+    failed, with retries)."""
     real = torch.linalg.cholesky_ex
-    calls = {"n": 0}
+    verdicts = {}
 
     def fake(A, *args, **kwargs):
         L, info = real(A, *args, **kwargs)
         eye = torch.eye(A.shape[-1], dtype=A.dtype)
         # the identity the layer factors in place of a failed system never fails, as in reality
-        if A.shape[0] > fail_problem and calls["n"] < fail_calls and not torch.equal(A[fail_problem], eye):
-            calls["n"] += 1
-            info = info.clone()
-            info[fail_problem] = 1
-            L = L.clone()
-            L[fail_problem] = float("nan")                             # garbage, as a real failure gives
+        if A.shape[0] > fail_problem and not torch.equal(A[fail_problem], eye):
+            key = A[fail_problem].detach().numpy().tobytes()
+            if key not in verdicts:
+                verdicts[key] = sum(verdicts.values()) < fail_calls
+            if verdicts[key]:
+                info = info.clone()
+                info[fail_problem] = 1
+                L = L.clone()
+                L[fail_problem] = float("nan")                         # garbage, as a real failure gives
         return L, info
     return fake
 
