@@ -35,6 +35,8 @@ so does every gradient.
 """
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
@@ -137,11 +139,43 @@ def select(mask: torch.Tensor, a: Linearization, b: Linearization) -> Linearizat
     return Linearization(**out)
 
 
+#: How many graphs' frame pairs :func:`frame_pairs` keeps.
+FRAME_PAIRS_CACHED = 32
+_frame_pairs_cache: OrderedDict = OrderedDict()
+
+
 def frame_pairs(ii: torch.Tensor, jj: torch.Tensor, n_frames: int):
-    """``(pair (E,), pair_i (P,), pair_j (P,))``: the distinct ``(ii, jj)`` pairs and each edge's pair."""
-    key = ii * n_frames + jj
-    uniq, pair = torch.unique(key, return_inverse=True)
-    return pair, uniq // n_frames, uniq % n_frames
+    """``(pair (E,), pair_i (P,), pair_j (P,))``: the distinct ``(ii, jj)`` pairs and each edge's pair.
+
+    ``ii, jj``: (E,) int64 source and target frames of the edges, in ``[0, n_frames)``.  Pairs are sorted
+    by ``ii * n_frames + jj``.
+
+    The number of pairs depends on the values, so ``torch.unique`` waits for the device.  The pairs of the
+    last :data:`FRAME_PAIRS_CACHED` graphs are therefore kept and returned again for the same ``ii`` and
+    ``jj`` tensor objects, not modified in place since (their version counters), and the same ``n_frames``:
+    a graph built once and used for every update and step pays it once.  (A change that bypasses the version
+    counter, through ``.data`` or a NumPy view, is not seen: give new tensors instead.)
+    """
+    key = _graph_key(ii, jj, n_frames)
+    kept = _frame_pairs_cache.get(key) if key is not None else None
+    if kept is not None and kept[0]() is ii and kept[1]() is jj:
+        _frame_pairs_cache.move_to_end(key)
+        return kept[2]
+    uniq, pair = torch.unique(ii * n_frames + jj, return_inverse=True)
+    pairs = (pair, uniq // n_frames, uniq % n_frames)
+    if key is not None:
+        _frame_pairs_cache[key] = (weakref.ref(ii), weakref.ref(jj), pairs)
+        while len(_frame_pairs_cache) > FRAME_PAIRS_CACHED:
+            _frame_pairs_cache.popitem(last=False)
+    return pairs
+
+
+def _graph_key(ii: torch.Tensor, jj: torch.Tensor, n_frames: int) -> Optional[tuple]:
+    """The cache key of a graph's index tensors (their identities and versions), None if they have no version."""
+    try:
+        return id(ii), id(jj), ii._version, jj._version, int(n_frames)
+    except RuntimeError:                      # inference-mode tensors keep no version counter: not cached
+        return None
 
 
 def _soa(x: torch.Tensor) -> torch.Tensor:
