@@ -49,8 +49,25 @@ Tangent space and perturbations
 Units
     Pixels for image coordinates, reprojection residuals and BA thresholds;
     radians for angles unless a name ends in ``_deg``.
+
+Checks and host reads
+    A bad argument raises ``ValueError`` naming the tensor and what was
+    expected.  Shapes, dtypes and devices are always checked (free); values
+    (finite inputs, indices in range, positive focal lengths), which must be
+    read on the host, by default only on the CPU, where a read waits for
+    nothing.  On a GPU each read is a synchronisation, so they run there only
+    with ``VERACITY_DEBUG_CHECKS=1`` (``0`` turns them off on the CPU too;
+    ``with ba_layer.debug.checking(True/False):`` in code): :mod:`ba_layer.debug`.
+    Beyond the checks, the network's per-update path reads the host only where
+    an algorithm must decide: a bundle adjustment call once (did a
+    factorisation fail?, :func:`ba_layer.ba_lm.run_lm`), the implicit backward
+    once per call (the same question for its adjoint system, and once per
+    conjugate-gradient step with the exact Hessian); the frame pairs of a
+    graph (``torch.unique``) are computed once per graph
+    (:func:`ba_layer.ba_linearize.frame_pairs`).  ``tests/test_host_syncs.py``
+    counts them.
 """
-from . import lie, projective, scatter  # noqa: F401
+from . import debug, lie, projective, scatter  # noqa: F401
 from .ba import BackwardMode, BAResult, BAStatus, BundleAdjustment, bundle_adjust  # noqa: F401
 from .lie import pose_tensor, relative_pose, retract, to_lietensor  # noqa: F401
 from .minimal_solvers import (  # noqa: F401

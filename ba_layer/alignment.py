@@ -42,6 +42,7 @@ from typing import Optional
 import torch
 
 from .backward_modes import check_backward, declarative_solution, nullspace_tolerance
+from .debug import value_checks
 from .lie import skew as _hat
 from .solver_inputs import check_correspondences
 
@@ -135,7 +136,7 @@ def _closed_form(src, dst, weights, with_translation: bool, with_scale: bool, ba
         R = U @ (_signs(d.detach()).unsqueeze(-1) * Vh)
     if with_scale:
         spread = torch.einsum("bn,bni,bni->b", weights, a, a)
-        if (spread <= 0).any():
+        if value_checks(spread.device) and (spread <= 0).any():       # a read on the host (ba_layer.debug)
             raise ValueError(f"src: rows {torch.nonzero(spread <= 0).flatten().tolist()} have all weighted points "
                              f"at one place, so the scale is undefined (use with_scale=False)")
         s = (R * Sigma).sum((-1, -2)) / spread

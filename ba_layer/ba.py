@@ -54,6 +54,14 @@ The status (:class:`BAStatus`, :mod:`ba_layer.ba_status`) says per problem
 what happened: costs, iterations, damping, failed factorisations, whether the
 input was returned, and how many edges were used and masked by which reason.
 
+Input checks: shapes, dtypes, devices and settings always; the values (finite
+inputs, weights >= 0, focal lengths > 0, indices in range), which must be read
+on the host, where :func:`ba_layer.debug.value_checks` says so: by default on
+the CPU, on a GPU with ``VERACITY_DEBUG_CHECKS=1``.  Without them a call reads
+one value on the host: whether any factorisation failed or any step left the
+finite numbers (:func:`ba_layer.ba_lm.run_lm`); with ``adaptive`` and
+``tolerance > 0`` also one per iteration, to stop once every problem converged.
+
 This module is the public entry (:func:`bundle_adjust`, :class:`BundleAdjustment`)
 and its input checks; the forward, the implicit backward and the status live in
 ``ba_lm``, ``ba_implicit`` and ``ba_status``.
@@ -80,6 +88,7 @@ from .ba_lm import (
     run_lm,
 )
 from .ba_status import BackwardMode, BAResult, BAStatus, build_status
+from .debug import value_checks
 from .schur import MODES
 
 __all__ = ["BAResult", "BAStatus", "BackwardMode", "BundleAdjustment", "bundle_adjust", "IMAGE_MARGIN_PX",
@@ -148,7 +157,9 @@ def _check_inputs(T_wc, patches, intrinsics, ii, jj, kk, targets, weights, itera
         raise ValueError(f"image_size: expected (H, W) > 0 in pixels or None, got {image_size!r}")
     if not (float(max_residual_px) > 0):
         raise ValueError(f"max_residual_px: expected > 0, got {max_residual_px!r}")
-    # one synchronisation for every value check
+    if not value_checks(T_wc.device):              # the value checks read on the host (ba_layer.debug)
+        return
+    # one read for every value check
     checks = torch.stack([
         ~torch.isfinite(T_wc).all(), ~torch.isfinite(patches).all(), ~torch.isfinite(intrinsics).all(),
         ~torch.isfinite(targets).all(), ~torch.isfinite(weights).all(), (weights < 0).any(),

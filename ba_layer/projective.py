@@ -20,6 +20,9 @@ Example
 >>> out = projective.transform(T_wc, patches, K, torch.tensor([0]), torch.tensor([1]), torch.tensor([0]))
 >>> out.coords[0, 0, 0, 0]  # moving the camera 0.1 right moves a point at 2 m 16 px left
 tensor([304., 240.], dtype=torch.float64)
+
+:func:`transform` checks the index ranges of ``ii, jj, kk`` (which reads them
+on the host) only where :func:`ba_layer.debug.value_checks` says so.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from typing import Optional
 import torch
 
 from . import lie
+from .debug import value_checks
 
 #: A reprojection is valid only if the point's depth in the target camera is at
 #: least this fraction of its depth in the source camera (dimensionless).  It
@@ -136,7 +140,7 @@ def _check_graph(poses, patches, intrinsics, ii, jj, kk) -> None:
                              f"{tuple(idx.shape)} {idx.dtype}")
     if not (ii.shape == jj.shape == kk.shape):
         raise ValueError(f"ii, jj, kk: expected equal lengths, got {ii.shape[0]}, {jj.shape[0]}, {kk.shape[0]}")
-    if ii.numel():
+    if ii.numel() and value_checks(ii.device):           # reads the indices on the host (ba_layer.debug)
         if int(torch.maximum(ii.max(), jj.max())) >= N or int(torch.minimum(ii.min(), jj.min())) < 0:
             raise ValueError(f"ii/jj: frame indices must lie in [0, {N}), got range "
                              f"[{int(torch.minimum(ii.min(), jj.min()))}, {int(torch.maximum(ii.max(), jj.max()))}]")

@@ -4,10 +4,16 @@ No compiled scatter extension is needed, any device, autograd
 included.  ``index`` is a 1-D integer tensor with one entry per slice of
 ``src`` along ``dim``; the output has ``dim_size`` slices there.  Empty groups
 give 0 for sums and means and ``fill`` (default 0) for maxima, never -inf.
+
+The index's shape is always checked; its range (which reads it on the host)
+only where :func:`ba_layer.debug.value_checks` says so: by default on the CPU,
+on a GPU with ``VERACITY_DEBUG_CHECKS=1``.
 """
 from __future__ import annotations
 
 import torch
+
+from .debug import value_checks
 
 
 def _check(src: torch.Tensor, index: torch.Tensor, dim: int, dim_size: int) -> int:
@@ -15,7 +21,7 @@ def _check(src: torch.Tensor, index: torch.Tensor, dim: int, dim_size: int) -> i
     if index.dim() != 1 or index.shape[0] != src.shape[dim]:
         raise ValueError(f"index: expected a 1-D tensor of length {src.shape[dim]} (src.shape[{dim}]), "
                          f"got shape {tuple(index.shape)}")
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= dim_size):
+    if index.numel() and value_checks(index.device) and (int(index.min()) < 0 or int(index.max()) >= dim_size):
         raise ValueError(f"index: values must lie in [0, {dim_size}), got [{int(index.min())}, {int(index.max())}]")
     return dim
 
