@@ -32,7 +32,6 @@ generator when given one per clip); the patch graph is shared.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
@@ -41,6 +40,7 @@ from torch import nn
 
 from ba_layer import projective
 from ba_layer.ba import bundle_adjust
+from ba_layer.debug import DEBUG_CHECKS_ENV, checks_enabled
 from vo.config import dataclass_from_section
 from vo.model.correlation import AllPairsCorrBlock, CorrBlock
 from vo.model.encoders import FEATURE_STRIDE, Encoder
@@ -53,8 +53,6 @@ from vo.model.update import UpdateOperator
 #: ``corr_impl: auto`` uses the all-pairs volume when it holds at most this many numbers (4 bytes each).
 ALL_PAIRS_MAX_ENTRIES = 64_000_000
 CORR_IMPLS = ("auto", "all_pairs", "windowed")
-#: Environment variable that turns on the checks that read tensors back to the host (1: on).
-DEBUG_CHECKS_ENV = "VERACITY_DEBUG_CHECKS"
 #: A random source for the clips of a batch: one generator, one per clip, or None (the global one).
 Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
 
@@ -357,8 +355,8 @@ def _scatter_edges(full: torch.Tensor, x: torch.Tensor, step: ScheduleStep) -> t
 
 def debug_checks() -> bool:
     """Whether the checks that read values back to the host run (``VERACITY_DEBUG_CHECKS=1``): off in training,
-    where each is a GPU round trip per update."""
-    return os.environ.get(DEBUG_CHECKS_ENV, "0") not in ("", "0")
+    where each is a GPU round trip per update.  The switch is ba_layer's (:func:`ba_layer.debug.checks_enabled`)."""
+    return checks_enabled()
 
 
 def _check_finite(update: int, **tensors: torch.Tensor) -> None:
