@@ -160,7 +160,7 @@ class VONet(nn.Module):
         self.matching_encoder = Encoder(c.feature_dim, c.encoder_width, norm="instance")
         self.context_encoder = Encoder(c.dim, c.encoder_width, norm="none")
         corr_dim = len(c.corr_levels) * c.patch_size ** 2 * (2 * c.corr_radius + 1) ** 2
-        self.update = UpdateOperator(c.dim, corr_dim, c.head_grad_clamp)
+        self.update = UpdateOperator(c.dim, corr_dim, c.head_grad_clamp, levels=len(c.corr_levels))
 
     # ------------------------------------------------------------------ pieces
     def encode(self, images: torch.Tensor):
@@ -281,10 +281,12 @@ class VONet(nn.Module):
                 n, sub = st.n_frames, st.graph
                 grid = patch_grid(centres[:, :n], c.patch_size, d[:, :n * p])
                 K_n = K[:, :n]
-                coords = projective.transform(T_wc[:, :n], grid, K_n, sub.ii, sub.jj, sub.kk).coords
+                reprojection = projective.transform(T_wc[:, :n], grid, K_n, sub.ii, sub.jj, sub.kk)
+                coords = reprojection.coords
                 correlation = corr_fn(coords, sub.jj, sub.kk)
                 with precision.networks():
-                    out = self.update(_edges(hidden, st), _edges(edge_context, st), correlation, sub)
+                    out = self.update(_edges(hidden, st), _edges(edge_context, st), correlation, sub,
+                                      reprojection.valid)
                 hidden = _scatter_edges(hidden, out.hidden, st)
                 delta, weights = out.delta.to(dtype), out.weights.to(dtype)
                 if debug:

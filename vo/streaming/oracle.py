@@ -66,7 +66,7 @@ class OracleCorrespondences(CorrespondenceSource):
             self.slot_inverse_depth[slot] = d.to(self.slot_inverse_depth)
             self.slot_T_wc[slot] = self.true_T_wc[frame_id].to(self.slot_T_wc)
 
-    def predict(self, problem, coords, hidden, graph) -> Prediction:
+    def predict(self, problem, coords, hidden, graph, valid=None) -> Prediction:
         with self.timer("update"):
             patches = problem.patches.clone()
             patches[:, :, 2] = self.slot_inverse_depth[problem.slots].reshape(1, -1, 1, 1)

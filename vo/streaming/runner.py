@@ -217,9 +217,10 @@ class StreamingVO:
         """Median apparent motion (image pixels) from the previous kept frame to the newest, per the source."""
         K = len(self.window)
         problem = self._pair_problem([K - 2], [K - 1])
-        coords = projective.transform(problem.T_wc, problem.patches, problem.intrinsics, problem.ii, problem.jj,
-                                      problem.kk).coords
-        pred = self.source.predict(problem, coords, None, problem.graph())
+        reprojection = projective.transform(problem.T_wc, problem.patches, problem.intrinsics, problem.ii,
+                                            problem.jj, problem.kk)
+        coords = reprojection.coords
+        pred = self.source.predict(problem, coords, None, problem.graph(), reprojection.valid)
         c = self.source.patch_size // 2
         flow = (pred.targets - coords[:, :, c, c]).norm(dim=-1)[0]
         used = pred.weights[0].amax(dim=-1) > 0
@@ -248,9 +249,10 @@ class StreamingVO:
             active = self._active_edges(problem)
             sub = problem if active is None else problem.edges(active)
             graph = sub.graph()
-            coords = projective.transform(sub.T_wc, sub.patches, sub.intrinsics, sub.ii, sub.jj, sub.kk).coords
+            reprojection = projective.transform(sub.T_wc, sub.patches, sub.intrinsics, sub.ii, sub.jj, sub.kk)
+            coords = reprojection.coords
         hidden = w.hidden if w.hidden is None or active is None else w.hidden[:, active]
-        pred = self.source.predict(sub, coords, hidden, graph)
+        pred = self.source.predict(sub, coords, hidden, graph, reprojection.valid)
         if active is None:
             w.targets, w.weights = pred.targets.to(self.dtype), pred.weights.to(self.dtype)
             if w.hidden is not None:

@@ -74,11 +74,12 @@ class CorrespondenceSource(ABC):
 
     @abstractmethod
     def predict(self, problem: WindowProblem, coords: torch.Tensor, hidden: Optional[torch.Tensor],
-                graph: PatchGraph) -> Prediction:
+                graph: PatchGraph, valid: Optional[torch.Tensor] = None) -> Prediction:
         """Targets and weights of the edges of ``problem``.
 
         Args:
             coords: (1, E, P, P, 2) current reprojection of each edge's patch (feature pixels).
+            valid: (1, E, P, P) bool validity of that reprojection (None: all valid).
             hidden: (1, E, state_dim) the edges' hidden state, or None.
             graph: the patch graph of ``problem``'s edges.
         """
@@ -134,14 +135,14 @@ class LearnedCorrespondences(CorrespondenceSource):
         return correlation(self.pyramid, self.sizes, self.levels, self.patch_features, coords, target_slot,
                            patch_slot, self.radius, self.corr_workspace)
 
-    def predict(self, problem, coords, hidden, graph) -> Prediction:
+    def predict(self, problem, coords, hidden, graph, valid=None) -> Prediction:
         with self.timer("correlation"):
             corr = self.correlation(coords, problem.target_slot, problem.patch_slot)
         with self.timer("update"):
             context = self.context.index_select(1, problem.patch_slot)
             if hidden is None:
                 hidden = context.new_zeros(1, problem.ii.shape[0], self.state_dim)
-            out = self.net.update(hidden, context, corr, graph)
+            out = self.net.update(hidden, context, corr, graph, valid)
             c = self.patch_size // 2
             targets = coords[:, :, c, c] + out.delta
         return Prediction(targets=targets, weights=out.weights, hidden=out.hidden)
