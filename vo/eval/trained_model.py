@@ -44,6 +44,7 @@ def load_model(path: str | os.PathLike, device=None) -> tuple[VONet, dict]:
     if not isinstance(config, dict) or not isinstance(config.get("model", {}), dict):
         raise CheckpointError(f"{path}: expected a 'config' dict with a 'model' section (the run's config), got "
                               f"{type(config).__name__}")
+    config = with_keys_added_since(config)
     try:
         net = VONet(dict(config.get("model", {})), dict(config.get("ba", {})))
         net.load_state_dict(ckpt["model"])
@@ -54,6 +55,26 @@ def load_model(path: str | os.PathLike, device=None) -> tuple[VONet, dict]:
     if device is not None:
         net.to(device)
     return net, config
+
+
+#: Keys added to the ``model`` section after checkpoints were written without them, and the value that
+#: describes how such a checkpoint was trained (``model.schedule``: before it, every edge from the first update).
+MODEL_KEYS_ADDED = {"schedule": "all_pairs"}
+
+
+def with_keys_added_since(config: dict) -> dict:
+    """A checkpoint's config with the keys added since it was written: :data:`MODEL_KEYS_ADDED` with the value
+    it was trained under, the schedule's other settings (unused by ``all_pairs``) at their defaults."""
+    model = dict(config.get("model", {}))
+    if "schedule" in model:
+        return config
+    from vo.model.network import ModelConfig
+
+    defaults = ModelConfig()
+    model.update(MODEL_KEYS_ADDED)
+    for key in ("init_frames", "init_updates", "drop_probability"):
+        model.setdefault(key, getattr(defaults, key))
+    return {**config, "model": model}
 
 
 def streaming_config_for(net: VONet, **overrides) -> StreamingConfig:
