@@ -45,7 +45,7 @@ setup(
     package_dir={"veracity_datasets": "datasets"},
     install_requires=CORE,
     extras_require={
-        "test": ["pytest>=7.0", "matplotlib>=3.5"],
+        "test": ["pytest>=7.0", "matplotlib>=3.5", "ruff==0.17.6"],
         "bench": ["gtsam>=4.2", "pycolmap==3.11.1", "pyceres==2.4"],
     },
 )
