@@ -6,7 +6,8 @@ with its file and line, going on after each: missing folders or files, lines
 with the wrong number of fields or with non-numbers, image / pose / depth
 counts that differ, unreadable images, images or depth of the wrong size,
 timestamps that do not increase, frames with no association (no depth or no
-ground truth within the time tolerance).
+ground truth within the time tolerance), a sequence whose depth is invalid in
+every frame (all 0, negative, NaN or beyond the reader's ``max_depth``).
 
 Problems are *errors* (the data is broken: a reader would raise) or
 *warnings* (the data is usable but incomplete: EuRoC's ground truth starting
@@ -132,8 +133,9 @@ def _frame_file(seq, i: int, attr: str) -> Path:
 
 
 def _check_frames(seq, problems: Problems) -> None:
-    """Read every image (and depth map) of ``seq``: unreadable files, wrong sizes."""
+    """Read every image (and depth map) of ``seq``: unreadable files, wrong sizes, no valid depth anywhere."""
     image_attr = "image_files" if hasattr(seq, "image_files") else "files"
+    depth_read, depth_valid = 0, 0
     for i in range(len(seq)):
         try:
             image = seq.image(i)
@@ -147,10 +149,16 @@ def _check_frames(seq, problems: Problems) -> None:
         except DataError as err:
             _add_unique(problems, err)
             continue
+        depth_read += 1
+        depth_valid += bool((depth > 0).any())        # readers return 0 for every invalid depth
         if tuple(depth.shape) != tuple(image.shape[-2:]):
             _add_unique(problems, DataError(_frame_file(seq, i, "depth_files"),
                                             f"depth of size {tuple(depth.shape)}, expected the image's "
                                             f"{tuple(image.shape[-2:])} ({_frame_file(seq, i, image_attr).name})"))
+    if depth_read and not depth_valid:
+        problems.warn(getattr(seq, "root", "."), f"depth is invalid in all {depth_read} frames read (0, negative, NaN "
+                                                 f"or beyond max_depth everywhere): training needs valid depth "
+                                                 f"(without it no frames are co-visible)")
 
 
 def check_sequence(dataset: str, name: str, path: Path, read_images: bool = True, **options) -> SequenceReport:

@@ -17,6 +17,23 @@ from ba_layer.projective import scale_intrinsics
 
 from .base import DataError
 
+#: Missing files named in a count mismatch's message (the rest are counted).
+MISSING_LISTED = 3
+
+
+def missing_frames(files: list[Path], suffix: str, expected: int) -> str:
+    """``": missing <folder>/000005<suffix>, ..."`` for the frames ``0 .. expected - 1`` whose file (numbered
+    ``%06d<suffix>``) is not in ``files``; ``""`` when none is (the files are not numbered so)."""
+    if not files:
+        return ""
+    names = {f.name for f in files}
+    folder = files[0].parent
+    absent = [folder / f"{i:06d}{suffix}" for i in range(expected) if f"{i:06d}{suffix}" not in names]
+    if not absent:
+        return ""
+    more = f" and {len(absent) - MISSING_LISTED} more" if len(absent) > MISSING_LISTED else ""
+    return f": missing {', '.join(str(p) for p in absent[:MISSING_LISTED])}{more}"
+
 
 def read_image(path: Path, size: Optional[tuple[int, int]] = None) -> torch.Tensor:
     """Read an image file as (3, H, W) float32 RGB in [0, 1]; optionally resize to ``size`` (H, W)."""

@@ -21,9 +21,9 @@ import torch
 
 from ba_layer import lie
 
-from .base import DataError, Sequence, require_dir
-from .images import read_image, resized_intrinsics
-from .text_tables import read_numbers
+from .base import DataError, Problems, Sequence, require_dir
+from .images import image_to_tensor, missing_frames, read_image, resized_intrinsics
+from .text_tables import check_increasing, read_numbers
 
 
 def read_calib(path: Path) -> dict[str, np.ndarray]:
@@ -71,10 +71,12 @@ class KittiOdometry(Sequence):
         self.files = sorted(image_dir.glob("*.png"))
         if not self.files:
             raise DataError(image_dir, "no *.png images")
-        times, _ = read_numbers(seq_dir / "times.txt", expected_fields=1)
+        times, time_lines = read_numbers(seq_dir / "times.txt", expected_fields=1)
+        check_increasing(times[:, 0], time_lines, seq_dir / "times.txt", Problems(strict=True))
         if len(times) != len(self.files):
             raise DataError(seq_dir / "times.txt",
-                            f"{len(times)} timestamps for {len(self.files)} images in {image_dir.name}/")
+                            f"{len(times)} timestamps for {len(self.files)} images in {image_dir.name}/"
+                            f"{missing_frames(self.files, '.png', len(times))}")
         self.timestamps = times[:, 0]
         calib = read_calib(seq_dir / "calib.txt")
         P = calib[f"P{camera}"]
@@ -89,7 +91,8 @@ class KittiOdometry(Sequence):
         if pose_file.is_file():
             rows, _ = read_numbers(pose_file, expected_fields=12)
             if len(rows) != len(self.files):
-                raise DataError(pose_file, f"{len(rows)} poses for {len(self.files)} images in {image_dir.name}/")
+                raise DataError(pose_file, f"{len(rows)} poses for {len(self.files)} images in {image_dir.name}/"
+                                           f"{missing_frames(self.files, '.png', len(rows))}")
             M = torch.from_numpy(rows).reshape(-1, 3, 4)
             T_wc0 = lie.from_matrix(M)
             if camera == 1:
@@ -102,6 +105,13 @@ class KittiOdometry(Sequence):
         return len(self.files)
 
     def image(self, i: int) -> torch.Tensor:
+        """(3, H, W) float32 in [0, 1] of frame ``i``; a frame whose size differs from the first's is refused
+        (naming the file), never stretched."""
         i = self._check_index(i)
-        img = read_image(self.files[i], self.size)
+        img = read_image(self.files[i])
+        if tuple(img.shape[-2:]) != self.native_size:
+            raise DataError(self.files[i], f"image of size {tuple(img.shape[-2:])} (H, W), expected "
+                                           f"{self.native_size} like the sequence's first image")
+        if self.size != self.native_size:
+            img = image_to_tensor(img.permute(1, 2, 0).numpy(), self.size)
         return img

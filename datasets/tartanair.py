@@ -73,7 +73,7 @@ import torch
 from ba_layer import lie
 
 from .base import DataError, Sequence, require_dir
-from .images import read_image, resized_intrinsics
+from .images import MISSING_LISTED, missing_frames, read_image, resized_intrinsics
 from .text_tables import read_numbers
 
 #: Native TartanAir image size (H, W), pixels.
@@ -222,15 +222,16 @@ class TartanAirSequence(Sequence):
         self.intrinsics = resized_intrinsics(tartanair_intrinsics(self.native_size), self.native_size, self.size)
 
     def _read_poses(self, path: Path, count: int) -> torch.Tensor:
-        rows, lines = read_numbers(path, expected_fields=POSE_FIELDS)
+        rows, lines = read_numbers(path, expected_fields=POSE_FIELDS)     # NaN / inf: "expected finite numbers"
         norms = np.linalg.norm(rows[:, 3:], axis=1)
-        bad = np.flatnonzero(~np.isfinite(rows).all(axis=1) | (np.abs(norms - 1.0) > QUATERNION_NORM_TOLERANCE))
+        bad = np.flatnonzero(np.abs(norms - 1.0) > QUATERNION_NORM_TOLERANCE)
         if bad.size:
             k = int(bad[0])
-            raise DataError(path, f"expected finite 'tx ty tz qx qy qz qw' with a unit quaternion, "
+            raise DataError(path, f"expected 'tx ty tz qx qy qz qw' with a unit quaternion, "
                                   f"found quaternion norm {norms[k]:.6g}", lines[k])
         if len(rows) != count:
-            raise DataError(path, f"{len(rows)} poses for {count} images in {IMAGE_DIR}/ (expected one line per image)")
+            raise DataError(path, f"{len(rows)} poses for {count} images in {IMAGE_DIR}/ (expected one line per image)"
+                                  f"{missing_frames(self.image_files, IMAGE_SUFFIX, len(rows))}")
         return ned_to_camera(torch.from_numpy(rows))
 
     def _find_depth_files(self) -> list[Path]:
@@ -239,8 +240,13 @@ class TartanAirSequence(Sequence):
             return []
         files = sorted(depth_dir.glob("*" + DEPTH_SUFFIX))
         if len(files) != len(self.image_files):
+            stems = {f.name[:-len(DEPTH_SUFFIX)] for f in files}
+            images = {f.name[:-len(IMAGE_SUFFIX)] for f in self.image_files}
+            lone = [depth_dir / (s + DEPTH_SUFFIX) for s in sorted(images - stems)]
+            lone += [self.root / IMAGE_DIR / (s + IMAGE_SUFFIX) for s in sorted(stems - images)]
+            named = f": missing {', '.join(str(p) for p in lone[:MISSING_LISTED])}" if lone else ""
             raise DataError(depth_dir, f"{len(files)} depth files *{DEPTH_SUFFIX} for {len(self.image_files)} images "
-                                       f"in {IMAGE_DIR}/ (expected one per image)")
+                                       f"in {IMAGE_DIR}/ (expected one per image){named}")
         for img, dep in zip(self.image_files, files):
             if img.name[:-len(IMAGE_SUFFIX)] != dep.name[:-len(DEPTH_SUFFIX)]:
                 raise DataError(dep, f"depth file does not match image {img.name} (expected frames in the same order)")

@@ -16,12 +16,14 @@ from .base import DataError, Problems
 
 
 def read_numbers(path: Path, expected_fields: Optional[int] = None, comment: str = "#",
-                 delimiter: Optional[str] = None) -> tuple[np.ndarray, list[int]]:
+                 delimiter: Optional[str] = None, finite: bool = True) -> tuple[np.ndarray, list[int]]:
     """Numbers of a text table, one row per non-empty, non-comment line.
 
     Returns ``(rows (L, F) float64, line_numbers)``; a line with the wrong
-    number of fields or a field that is not a number raises :class:`DataError`
-    naming the file and line.
+    number of fields, a field that is not a number, or (unless ``finite`` is
+    False, for a file that may hold NaN) one that is NaN or inf raises
+    :class:`DataError` naming the file and line, in the words of
+    :func:`parse_floats`.
     """
     if not path.is_file():
         raise DataError(path, "file not found")
@@ -36,9 +38,12 @@ def read_numbers(path: Path, expected_fields: Optional[int] = None, comment: str
             if expected_fields is not None and len(fields) != expected_fields:
                 raise DataError(path, f"expected {expected_fields} fields, found {len(fields)}: '{text[:80]}'", n)
             try:
-                rows.append([float(x) for x in fields])
+                values = [float(x) for x in fields]
             except ValueError:
                 raise DataError(path, f"expected numbers, found '{text[:80]}'", n) from None
+            if finite and not all(np.isfinite(values)):
+                raise DataError(path, f"expected finite numbers, found '{text[:80]}'", n)
+            rows.append(values)
             lines.append(n)
     if not rows:
         raise DataError(path, "no data lines")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from test_readers import write_euroc, write_kitti, write_png, write_tartanair, write_tum
+
 from veracity_datasets.check import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -160,3 +160,18 @@ def test_command_line_entry_point(tmp_path):
     assert "format folder" in bad.stdout and "frames: 2 frames, no ground truth, no depth" in bad.stdout
     assert f"ERROR {tmp_path / 'frames' / '001.png'}: cannot read" in bad.stdout
     assert "1 error(s), 0 warning(s)" in bad.stdout
+
+
+@pytest.mark.parametrize("invalid", [0.0, -1.0, float("nan")], ids=["zero", "negative", "nan"])
+def test_item9_check_warns_when_depth_is_invalid_in_every_frame(tmp_path, invalid):
+    """Such a sequence passed without a word, and training then failed with 'no consecutive frames are
+    co-visible'."""
+    p = write_tartanair(tmp_path / "tartan" / "env" / "Easy" / "P000", n=3)
+    for f in sorted((p / "depth_left").glob("*.npy")):
+        np.save(f, np.full((12, 16), invalid, np.float32))
+    status, text = run_check(tmp_path / "tartan", "--dataset", "tartanair")
+    assert status == 0 and "0 error(s), 1 warning(s)" in text, text
+    assert f"WARNING {p}: depth is invalid in all 3 frames read" in text, text
+    assert run_check(tmp_path / "tartan", "--dataset", "tartanair", "--strict")[0] == 1
+    np.save(p / "depth_left" / "000001_left_depth.npy", np.full((12, 16), 2.0, np.float32))
+    assert "0 error(s), 0 warning(s)" in run_check(tmp_path / "tartan", "--dataset", "tartanair")[1]

@@ -693,3 +693,58 @@ def test_collecting_problems_reports_every_bad_line(tmp_path):
     assert where == [("data.csv", 2), ("data.csv", 4), ("data.csv", 5)]
     assert {e.path.parent.name for e in problems.errors} == {"state_groundtruth_estimate0", "cam0"}
     assert len(seq) == 3 and seq.pose_valid.tolist() == [False, True, False]
+
+
+# ================================================================== issue 14 item 9: reader messages
+def test_item9_kitti_refuses_an_off_size_frame_naming_the_file(tmp_path):
+    write_kitti(tmp_path, n=4, size=(24, 40))
+    odd = write_png(tmp_path / "sequences" / "03" / "image_0" / "000002.png", np.zeros((20, 40), np.uint8))
+    for seq in (KittiOdometry(tmp_path, "03"), KittiOdometry(tmp_path, "03", image_size=(12, 20))):
+        with pytest.raises(DataError) as info:
+            seq.image(2)                                      # was stretched to the first frame's size
+        assert info.value.path == odd and "image of size (20, 40) (H, W), expected (24, 40)" in str(info.value)
+    assert KittiOdometry(tmp_path, "03", image_size=(12, 20)).image(1).shape == (3, 12, 20)
+
+
+def test_item9_tartanair_nan_position_says_non_finite_with_file_and_line(tmp_path):
+    from veracity_datasets.tartanair import TartanAirSequence
+
+    p = write_tartanair(tmp_path / "env" / "Easy" / "P000")
+    _replace_line(p / "pose_left.txt", 2, "nan 0 0 0 0 0 1")
+    with pytest.raises(DataError) as info:
+        TartanAirSequence(p)
+    err = info.value
+    assert err.path == p / "pose_left.txt" and err.line == 2, str(err)
+    assert "expected finite numbers, found 'nan 0 0 0 0 0 1'" in str(err) and "quaternion" not in str(err)
+
+
+def test_item9_a_missing_image_is_named(tmp_path):
+    from veracity_datasets.tartanair import TartanAirSequence
+
+    p = write_tartanair(tmp_path / "env" / "Easy" / "P000", n=4)
+    (p / "image_left" / "000001_left.png").unlink()
+    with pytest.raises(DataError, match=r"3 images in image_left/.*: missing \S*image_left/000001_left\.png"):
+        TartanAirSequence(p)
+    (p / "depth_left" / "000001_left_depth.npy").unlink()
+    write_png(p / "image_left" / "000001_left.png", np.zeros((12, 16, 3), np.uint8))
+    with pytest.raises(DataError, match=r"3 depth files .* 4 images .*: missing \S*depth_left/000001_left_depth\.npy"):
+        TartanAirSequence(p)
+    write_kitti(tmp_path / "kitti", n=5)
+    (tmp_path / "kitti" / "sequences" / "03" / "image_0" / "000003.png").unlink()
+    with pytest.raises(DataError, match=r"times\.txt: 5 timestamps for 4 images .*: missing \S*image_0/000003\.png"):
+        KittiOdometry(tmp_path / "kitti", "03")
+
+
+def test_item9_kitti_refuses_non_finite_poses_and_timestamps_that_do_not_increase(tmp_path):
+    """What ``check`` reports (file and line), the reader refuses too (requests of the evaluation, item 4)."""
+    write_kitti(tmp_path, n=5)
+    good = (tmp_path / "poses" / "03.txt").read_text()
+    _replace_line(tmp_path / "poses" / "03.txt", 3, "1 0 0 nan 0 1 0 0 0 0 1 0")
+    with pytest.raises(DataError) as info:
+        KittiOdometry(tmp_path, "03")
+    assert info.value.line == 3 and "poses/03.txt:3: expected finite numbers" in str(info.value)
+    (tmp_path / "poses" / "03.txt").write_text(good)
+    _replace_line(tmp_path / "sequences" / "03" / "times.txt", 4, "0.1")
+    with pytest.raises(DataError) as info:
+        KittiOdometry(tmp_path, "03")
+    assert info.value.line == 4 and "timestamp 0.1 is not after the previous line's 0.2" in str(info.value)
