@@ -39,7 +39,10 @@ trajectories (3 scenes); every third scene a corridor.
 where ``key`` hashes the generator version and every parameter.  Generation
 writes into a temporary sibling folder and renames it into place, under a
 file lock, so concurrent processes (e.g. ``torchrun`` ranks) never see a
-half-written data set.  ``python -m veracity_datasets.synthetic --out DIR``
+half-written data set; the temporary folders of a killed generation are
+deleted by the next one (under the lock, where no live process writes them),
+and the worker processes of a generation die with the process that started
+them.  ``python -m veracity_datasets.synthetic --out DIR``
 writes a data set anywhere (``--help`` for the parameters).
 """
 from __future__ import annotations
@@ -256,6 +259,25 @@ def _limit_threads() -> None:
     torch.set_num_threads(1)
 
 
+#: ``prctl`` option: the signal a process gets when its parent dies (Linux, <sys/prctl.h>).
+PR_SET_PDEATHSIG = 1
+
+
+def _init_worker(parent_pid: int) -> None:
+    """A generation worker's start: one thread (:func:`_limit_threads`), and death with its parent.  On Linux
+    the kernel sends it SIGKILL when the parent dies (``prctl(PR_SET_PDEATHSIG)``), so a parent killed with
+    ``kill -9`` leaves no worker rendering on as an orphan; a parent already gone before that ends it at once."""
+    _limit_threads()
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
 def _generate_scene(out: str, config: SyntheticConfig, split: str, index: int) -> list[str]:
     """Draw and render scene ``index`` of ``split`` into ``out``; the sequences' paths relative to ``out``."""
     sc = scene_for(config, split, index)
@@ -303,7 +325,7 @@ def generate(out: Path, config: SyntheticConfig = DEFAULT_CONFIG, splits: Seq[st
             torch.set_num_threads(threads)
     else:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_limit_threads) as pool:
+                                 initializer=_init_worker, initargs=(os.getpid(),)) as pool:
             futures = [pool.submit(_generate_scene, str(out), config, split, index) for split, index in tasks]
             results = [f.result() for f in futures]
     listing = {split: [] for split in splits}
@@ -383,6 +405,19 @@ def _file_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _leftovers(root: Path) -> list[Path]:
+    """The temporary and stale folders of generations of ``root`` beside it."""
+    return [p for pattern in (f".{root.name}.tmp-*", f".{root.name}.stale-*") for p in root.parent.glob(pattern)]
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Delete the folders a killed generation of ``root`` left beside it (call with the lock held: the generation
+    that holds it is the only one that writes them)."""
+    for path in _leftovers(root):
+        print(f"veracity: deleting {path}, left by an interrupted generation", file=sys.stderr)
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def ensure_dataset(root: Path, config: SyntheticConfig = DEFAULT_CONFIG, verbose: bool = True,
                    workers: Optional[int] = None) -> Path:
     """``root`` holding the complete data set of ``config``, generated there first if needed (atomically).
@@ -392,10 +427,11 @@ def ensure_dataset(root: Path, config: SyntheticConfig = DEFAULT_CONFIG, verbose
     folder at ``root`` (another version, other parameters) is replaced.
     """
     root = Path(root).expanduser()
-    if is_complete(root, config):
+    if is_complete(root, config) and not _leftovers(root):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(root.parent / f".{root.name}.lock"):
+        _remove_leftovers(root)
         if is_complete(root, config):                    # another process made it while we waited
             return root
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
