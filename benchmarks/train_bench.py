@@ -47,8 +47,8 @@ sys.path.insert(0, str(REPO))
 
 from train import build_data  # noqa: E402
 from vo.config import load_config  # noqa: E402
-from vo.train.run_logger import RunLogger  # noqa: E402
 from vo.train.distributed import DistInfo, pick_device  # noqa: E402
+from vo.train.run_logger import RunLogger  # noqa: E402
 from vo.train.trainer import Trainer  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "train_bench.json"

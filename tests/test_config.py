@@ -4,8 +4,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from vo.config import (CONFIG_DIR, ConfigError, build_sections, check_defaults, load_config, save_config,
-                       section_classes)
+from vo.config import CONFIG_DIR, ConfigError, build_sections, check_defaults, load_config, save_config, section_classes
 from vo.config import main as config_main
 
 

@@ -36,8 +36,8 @@ def test_torchrun_two_cpu_processes_keep_identical_parameters(tiny_synthetic, su
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
     # the run trained: the weights moved away from the seed's initial weights
-    from vo.model.network import VONet
     from vo.config import load_config
+    from vo.model.network import VONet
 
     cfg = load_config("default.yaml", TINY)
     torch.manual_seed(int(cfg.seed))

@@ -1,4 +1,5 @@
-"""The three-cause diagnostics (vo.instrument.causes), the BA's predicted decrease, the training dashboard, diagnose.py."""
+"""The three-cause diagnostics (vo.instrument.causes), the BA's predicted decrease, the training dashboard,
+diagnose.py."""
 from __future__ import annotations
 
 import json
@@ -12,17 +13,25 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from test_training import TINY_MODEL, TinyClips, tiny_clip
 
 from ba_layer import bundle_adjust, lie, projective
 from ba_layer.ba_problems import make_window
 from ba_layer.schur import DAMPING_FLOOR
-from vo.instrument.causes import (GroundTruth, PearsonSums, interference, linearization_snr, loss_term_gradients,
-                            objective_values, problem_of_update, residual_dependence, target_gradients)
+from vo.instrument.causes import (
+    GroundTruth,
+    PearsonSums,
+    interference,
+    linearization_snr,
+    loss_term_gradients,
+    objective_values,
+    problem_of_update,
+    residual_dependence,
+    target_gradients,
+)
 from vo.instrument.gradstats import MAX_SNR_DB
-from vo.train.losses import edge_set_mask, ground_truth_coords, ground_truth_inverse_depth
 from vo.model.network import VONet
-
-from test_training import TINY_MODEL, TinyClips, tiny_clip
+from vo.train.losses import edge_set_mask, ground_truth_coords, ground_truth_inverse_depth
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -197,8 +206,8 @@ def test_linearization_probe_reruns_the_networks_ba_and_its_gradients_match_fini
 # ------------------------------------------------------------------ the training dashboard
 def _instrumented_trainer(tmp_path, name, enabled=True, logger=True):
     from vo.config import load_config
-    from vo.train.run_logger import RunLogger
     from vo.train.distributed import DistInfo
+    from vo.train.run_logger import RunLogger
     from vo.train.trainer import Trainer
 
     out = tmp_path / name
@@ -274,8 +283,8 @@ def test_diagnose_command_on_a_tiny_checkpoint_writes_its_report_and_plots(tiny_
                                                                            tmp_path):
     import cv2
 
-    from vo.train.checkpoint import atomic_save
     from vo.config import load_config
+    from vo.train.checkpoint import atomic_save
 
     cfg = load_config("default.yaml", TINY_OVERRIDES)
     torch.manual_seed(0)

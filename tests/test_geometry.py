@@ -269,7 +269,8 @@ def test_adjoint_identity(dtype):
 def test_sim3_round_trip_and_action(dtype):
     g = torch.Generator().manual_seed(5)
     x = torch.randn(40, 7, generator=g, dtype=torch.float64)
-    x[:, 3:6] *= 0.9 * math.pi * torch.rand(40, 1, generator=g, dtype=torch.float64) / x[:, 3:6].norm(dim=-1, keepdim=True)
+    angle = 0.9 * math.pi * torch.rand(40, 1, generator=g, dtype=torch.float64)
+    x[:, 3:6] *= angle / x[:, 3:6].norm(dim=-1, keepdim=True)
     x[:, 6] *= 0.5
     x = x.to(dtype)
     S = pp.sim3(x).Exp()

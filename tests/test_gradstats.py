@@ -13,14 +13,23 @@ import numpy as np
 import pytest
 import torch
 
-from vo.instrument.gradstats import (MAX_SNR_DB, MIN_SNR_DB, STATUS_CONSTANT, STATUS_NO_GRADIENT, STATUS_OK, GradientRecorder,
-                          GradStats, snr_of_samples)
+from vo.instrument.gradstats import (
+    MAX_SNR_DB,
+    MIN_SNR_DB,
+    STATUS_CONSTANT,
+    STATUS_NO_GRADIENT,
+    STATUS_OK,
+    GradientRecorder,
+    GradStats,
+    snr_of_samples,
+)
 
 SHAPES = [("a.weight", (3, 4)), ("a.bias", (5,))]
 
 
 def numpy_stats(samples: np.ndarray) -> dict:
-    """Statistics of samples (n, D) of one tensor, written out with numpy (module docstring of vo.instrument.gradstats)."""
+    """Statistics of samples (n, D) of one tensor, written out with numpy (module docstring of
+    vo.instrument.gradstats)."""
     m = samples.mean(0)
     dev = samples - m
     noise = np.linalg.norm(dev, axis=1).mean()

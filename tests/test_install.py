@@ -94,7 +94,7 @@ def test_install_does_not_claim_the_datasets_name(tmp_path):
     assert out["datasets_who"] == "the other datasets library", out
     assert Path(out["datasets_file"]).parent == site / "datasets"
     assert Path(out["ours_file"]).parent == site / "veracity_datasets"
-    assert not str(REPO) in out["ours_file"], "the installed copy must be used, not the repository"
+    assert str(REPO) not in out["ours_file"], "the installed copy must be used, not the repository"
     assert "ba_layer" in out["top_level"] and "vo" in out["top_level"]
     assert not (site / "datasets" / "tartanair.py").exists(), "our reader files went into 'datasets'"
     # the stand-in was not overwritten by our files

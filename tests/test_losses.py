@@ -7,9 +7,9 @@ import pypose as pp
 import pytest
 import torch
 
+from vo.model.graph import build_graph_from_edges
 from vo.train import losses
 from vo.train.balancing import AdaptiveBalancer
-from vo.model.graph import build_graph_from_edges
 
 
 def make_case():

@@ -12,8 +12,8 @@ import re
 import numpy as np
 import pytest
 import torch
-
 from test_readers import homogeneous, pose_matrix, quat_wxyz_to_matrix
+
 from veracity_datasets.check import main as check_main
 from veracity_datasets.registry import detect_format, open_sequences
 

@@ -11,8 +11,14 @@ import torch
 
 from ba_layer import lie
 from veracity_datasets.base import DataError
-from veracity_datasets.tartanair import (FRAME_RATE_HZ, TartanAirSequence, camera_to_ned,
-                                         find_tartanair_sequences, ned_to_camera, tartanair_intrinsics)
+from veracity_datasets.tartanair import (
+    FRAME_RATE_HZ,
+    TartanAirSequence,
+    camera_to_ned,
+    find_tartanair_sequences,
+    ned_to_camera,
+    tartanair_intrinsics,
+)
 
 IDENTITY_LINE = [0, 0, 0, 0, 0, 0, 1]
 

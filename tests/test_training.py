@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from ba_layer import lie
-from vo.train.checkpoint import atomic_save, load_checkpoint
 from vo.config import load_config
-from vo.train.losses import LossConfig, training_loss
 from vo.model.network import VONet
+from vo.train.checkpoint import atomic_save, load_checkpoint
 from vo.train.distributed import DistInfo
+from vo.train.losses import LossConfig, training_loss
 from vo.train.trainer import Trainer
 
 TINY_MODEL = dict(dim=16, feature_dim=8, encoder_width=8, patch_size=3, patches_per_frame=4, corr_radius=2,
