@@ -7,6 +7,21 @@ CUDA).  The data loader keeps no state: the clip of a step and everything
 random in it are functions of ``(seed, step, rank)``.  It is written to a temporary file in
 the same folder, flushed to disk, then renamed over the target: a reader
 never sees a half-written file, whatever happens during the save.
+
+Resume and fine-tuning
+======================
+``train.py --resume`` continues a *training* checkpoint (it has ``optimizer``);
+the checkpoint's config is compared with the current one key by key
+(:func:`config_changes`).  Keys that set the shapes of the state dict (the
+whole ``model`` section, :data:`FROZEN_ON_RESUME`) may not change: the
+refusal (:class:`ResumeError`) names each key with its two values.
+``train.steps``, ``train.lr`` and ``train.pct_start`` (:data:`SCHEDULE_KEYS`)
+may change: the one-cycle schedule is then rebuilt for the new settings and
+fast-forwarded to the checkpoint's step (``train.steps`` may not fall below
+it).  Every other key may change and is listed when the run resumes.  An
+exported weights file (:func:`export_weights`: no optimiser, schedule or
+step) is refused by ``--resume`` with the advice to pass it to ``--init``:
+model weights only, a fresh optimiser and schedule, step 0.
 """
 from __future__ import annotations
 
@@ -14,12 +29,24 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
 
 CHECKPOINT_VERSION = 1
+#: Config key prefixes a resumed or fine-tuned run may not change: they set the shapes of the state dict.
+FROZEN_ON_RESUME = ("model.",)
+#: Config keys of the learning-rate schedule: a change on resume rebuilds it (module docstring).
+SCHEDULE_KEYS = ("train.steps", "train.lr", "train.pct_start")
+#: Stands for a key one of two configs does not have (:func:`config_changes`).
+ABSENT = "(absent)"
+#: Mismatched tensors listed in full by :func:`check_state_shapes` (the rest are counted).
+LISTED_MISMATCHES = 5
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot be resumed (or fine-tuned from) with the current config; says why and what to do."""
 
 
 def _umask() -> int:
@@ -92,6 +119,56 @@ def latest_checkpoint(folder: str | os.PathLike) -> Optional[Path]:
     """The ``last.pt`` of a run folder, if any."""
     p = Path(folder) / "checkpoints" / "last.pt"
     return p if p.is_file() else None
+
+
+def flatten_config(cfg: Mapping, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1e-4}}`` -> ``{"train.lr": 1e-4}`` (lists and tuples compared as lists)."""
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, Mapping):
+            out.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def config_changes(saved: Optional[Mapping], current: Mapping) -> list[tuple[str, Any, Any]]:
+    """``(key, value in saved, value in current)`` for every dotted key whose values differ, sorted by key;
+    :data:`ABSENT` for a key one side does not have.  ``saved`` None (a checkpoint without a config): ``[]``."""
+    if saved is None:
+        return []
+    a, b = flatten_config(saved), flatten_config(current)
+    return [(k, a.get(k, ABSENT), b.get(k, ABSENT)) for k in sorted(set(a) | set(b))
+            if a.get(k, ABSENT) != b.get(k, ABSENT)]
+
+
+def frozen_changes(changes: list[tuple[str, Any, Any]]) -> list[tuple[str, Any, Any]]:
+    """The changes to keys of :data:`FROZEN_ON_RESUME`.  A key the checkpoint's config does not have (a setting
+    added since it was written) is not one: :func:`check_state_shapes` still catches a shape it changes."""
+    return [c for c in changes if c[0].startswith(FROZEN_ON_RESUME) and c[1] is not ABSENT]
+
+
+def format_changes(changes: list[tuple[str, Any, Any]]) -> str:
+    """One ``key: old -> new`` per change, joined by ``; ``."""
+    return "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes)
+
+
+def check_state_shapes(current: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor], path, what: str
+                       ) -> None:
+    """Raise :class:`ResumeError` if ``saved``'s tensors (a checkpoint's model state) differ from ``current``'s
+    in names or shapes, listing the first :data:`LISTED_MISMATCHES` (instead of torch's page of lines)."""
+    bad = []
+    for k in sorted(set(current) | set(saved)):
+        if k not in saved:
+            bad.append(f"{k}: not in the checkpoint")
+        elif k not in current:
+            bad.append(f"{k}: in the checkpoint, not in this model")
+        elif tuple(saved[k].shape) != tuple(current[k].shape):
+            bad.append(f"{k}: {tuple(saved[k].shape)} in the checkpoint, {tuple(current[k].shape)} in this model")
+    if bad:
+        more = f" and {len(bad) - LISTED_MISMATCHES} more" if len(bad) > LISTED_MISMATCHES else ""
+        raise ResumeError(f"{path}: its model does not fit this config's ({what}): "
+                          f"{'; '.join(bad[:LISTED_MISMATCHES])}{more}")
 
 
 def export_weights(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:

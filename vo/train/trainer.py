@@ -17,11 +17,26 @@ the finiteness of the gradients (the step is taken or skipped), the loss terms
 and the logged scalars together.  ``VERACITY_DEBUG_CHECKS=1`` turns on checks
 that read values back earlier (the network's per-update finiteness, and which
 parameters have non-finite gradients).
+
+Faults (README's fault table)
+=============================
+* A step whose forward pass is not finite (the BA's input check refuses non-finite values, or a
+  ``VERACITY_DEBUG_CHECKS`` check fails) is skipped and counted like a step with non-finite
+  gradients; after ``train.max_skipped_in_row`` skipped steps in a row the run stops with
+  :class:`TrainingDiverged` ("diverged at step s"), ``checkpoints/last.pt`` holding the parameters of
+  the last step taken.
+* :meth:`Trainer.request_stop` (``train.py``'s SIGINT/SIGTERM handler) ends the run after the step in
+  progress with a checkpoint (:class:`TrainingInterrupted`); under DDP the ranks agree on the step.
+* :meth:`Trainer.resume` compares the checkpoint's config with the current one
+  (:mod:`vo.train.checkpoint`), refuses model changes, and rebuilds the learning-rate schedule when
+  ``train.steps``, ``train.lr`` or ``train.pct_start`` changed; :meth:`Trainer.init_from` loads model
+  weights only (fine-tuning).
 """
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -35,7 +50,18 @@ from vo.instrument.dashboards import Instrument
 from vo.model.network import VONet, debug_checks
 from vo.model.precision import autocast_dtype, needs_grad_scaler
 from vo.train.balancing import AdaptiveBalancer
-from vo.train.checkpoint import CHECKPOINT_VERSION, atomic_save, load_checkpoint, rng_state, set_rng_state
+from vo.train.checkpoint import (
+    CHECKPOINT_VERSION,
+    SCHEDULE_KEYS,
+    ResumeError,
+    atomic_save,
+    check_state_shapes,
+    config_changes,
+    frozen_changes,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from vo.train.distributed import DistInfo, step_generator
 from vo.train.loader import clip_index, collate, step_loader  # noqa: F401  (clip_index, collate: re-exported)
 from vo.train.losses import LossConfig, training_loss
@@ -62,10 +88,47 @@ class TrainConfig:
     val_clips: int = 8
     val_iters: int = 8
     num_workers: int = 0
+    max_skipped_in_row: int = 20     # skipped steps in a row (non-finite forward or gradients) that stop the run
+                                     # as diverged; 0: never stop
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         return dataclass_from_section(cls, d, "train")
+
+
+#: The ends of the messages of the BA's input check (ba_layer.ba) for non-finite values: a forward pass that
+#: raises one of them is skipped as non-finite, not an error in the code.
+NONFINITE_FORWARD_MESSAGE = "expected finite values"
+
+
+class TrainingInterrupted(Exception):
+    """The run stopped at a signal (:meth:`Trainer.request_stop`) after writing ``checkpoint`` at ``step``."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Optional[Path]):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"interrupted by signal {signum} at step {step}; checkpoint {checkpoint}")
+
+
+class TrainingDiverged(RuntimeError):
+    """The last ``count`` steps up to ``step`` were skipped as non-finite (``train.max_skipped_in_row``);
+    ``checkpoint`` holds the state after ``step`` steps (the parameters of the last step taken).  Steps are
+    counted from 1, as in the progress line (``step k/N``: k steps done) and a checkpoint's ``step``."""
+
+    def __init__(self, step: int, count: int, checkpoint: Optional[Path]):
+        self.step, self.count, self.checkpoint = step, count, checkpoint
+        self.first_step = step - count + 1
+        super().__init__(
+            f"diverged at step {self.first_step}: {count} steps in a row ({self.first_step}-{step}) had a "
+            f"non-finite forward pass, loss or gradient (train.max_skipped_in_row={count}); the parameters of the "
+            f"last step taken are in {checkpoint} (step {step}).  Lower train.lr and continue from it (python "
+            f"train.py --resume train.lr=...), or restart from an earlier checkpoints/step_*.pt")
+
+
+def is_nonfinite_forward(err: BaseException) -> bool:
+    """Whether ``err`` says that a forward pass produced non-finite values: the BA's input check
+    (:data:`NONFINITE_FORWARD_MESSAGE`) or a ``VERACITY_DEBUG_CHECKS`` check (``FloatingPointError``)."""
+    return isinstance(err, FloatingPointError) or (
+        isinstance(err, ValueError) and str(err).endswith(NONFINITE_FORWARD_MESSAGE))
 
 
 def clip_generators(seed: int, step: int, rank: int, batch_size: int) -> list[torch.Generator]:
@@ -108,6 +171,9 @@ class Trainer:
         self._loader_step = -1
         self.step = 0
         self.skipped_steps = 0
+        self.skipped_in_row = 0             # the current run of skipped steps (train.max_skipped_in_row)
+        self._stop_signal: Optional[int] = None   # set by request_stop (a signal handler)
+        self._stop_group = None             # the gloo group the ranks agree on stopping in (DDP)
         self.implicit_unconverged = 0      # BA problems differentiated implicitly from an unconverged state
         self.history: list[dict] = []
         self.hooks: list[Callable] = []     # called as hook(trainer, step_record) after each step
@@ -125,6 +191,7 @@ class Trainer:
             "balancer": self.balancer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "skipped_steps": self.skipped_steps,
+            "skipped_in_row": self.skipped_in_row,
             "rng": rng_state(),
             "config": self.cfg.to_dict(),
         }
@@ -134,8 +201,10 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.balancer.load_state_dict(state["balancer"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"] or not self.scaler.is_enabled():     # a scaler turned on since (train.amp): fresh scale
+            self.scaler.load_state_dict(state["scaler"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.skipped_in_row = int(state.get("skipped_in_row", 0))
         self.step = int(state["step"])
         set_rng_state(state["rng"])
 
@@ -147,8 +216,65 @@ class Trainer:
             atomic_save(self.state_dict(), self.out_dir / "checkpoints" / "last.pt")
         return path
 
-    def resume(self, path: Path) -> None:
-        self.load_state_dict(load_checkpoint(path, map_location=self.device))
+    def resume(self, path: Path) -> list[tuple]:
+        """Continue the training checkpoint ``path``; returns the config changes since it was written
+        (``(key, old, new)``, :func:`~vo.train.checkpoint.config_changes`).
+
+        Raises :class:`~vo.train.checkpoint.ResumeError` for a weights-only file (it offers ``--init``), a
+        changed ``model`` key (both values named), ``train.steps`` below the checkpoint's step, or tensors
+        that do not fit.  A change of ``train.steps``, ``train.lr`` or ``train.pct_start`` rebuilds the
+        one-cycle schedule for the new settings, fast-forwarded to the checkpoint's step; a new
+        ``train.weight_decay`` applies from here on; every other key is read where it is used.
+        """
+        state = load_checkpoint(path, map_location=self.device)
+        if "optimizer" not in state:
+            raise ResumeError(
+                f"{path} holds model weights only (an exported file: no optimiser, schedule or step), so it cannot "
+                f"be resumed.  To fine-tune from these weights (fresh optimiser and schedule, step 0): "
+                f"python train.py --init {path} [key=value ...]")
+        changes = config_changes(state.get("config"), self.cfg.to_dict())
+        frozen = frozen_changes(changes)
+        if frozen:
+            raise ResumeError(
+                f"{path}: the model cannot change on resume (the weights would not fit): "
+                + "; ".join(f"{k} is {a!r} in the checkpoint, {b!r} now" for k, a, b in frozen)
+                + ".  Put the checkpoint's values back, or start a new run in another run.out_dir "
+                  "(--init PATH fine-tunes the weights of a model of the same shape)")
+        if int(state["step"]) > self.train_cfg.steps:
+            raise ResumeError(f"{path} is at step {state['step']}, beyond train.steps={self.train_cfg.steps}: "
+                              f"give train.steps >= {state['step']} to continue it")
+        check_state_shapes(self.model.state_dict(), state["model"], path, "model.* settings")
+        self.load_state_dict(state)
+        for group in self.optimizer.param_groups:       # the optimiser's state dict brought the old value
+            group["weight_decay"] = self.train_cfg.weight_decay
+        if any(k in SCHEDULE_KEYS for k, _, _ in changes):
+            self._rebuild_schedule()
+        return changes
+
+    def _rebuild_schedule(self) -> None:
+        """A one-cycle schedule of the current ``train.steps``, ``train.lr`` and ``train.pct_start``, at
+        ``self.step``: the learning rate continues where the new schedule is at this step (as if the run
+        had been planned with these settings; the steps already taken keep the rates they had)."""
+        tc = self.train_cfg
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, tc.lr, total_steps=tc.steps + 1, pct_start=tc.pct_start, cycle_momentum=False,
+            anneal_strategy="linear")
+        with warnings.catch_warnings():              # "lr_scheduler.step() before optimizer.step()": by design
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(self.step):
+                self.scheduler.step()
+
+    def init_from(self, path: Path) -> None:
+        """Fine-tuning: the model weights of ``path`` (an exported weights file or a training checkpoint), with
+        this run's fresh optimiser and schedule at step 0.  A ``model`` key that differs from the file's
+        config, or a tensor that does not fit, is a :class:`~vo.train.checkpoint.ResumeError`."""
+        state = load_checkpoint(path, map_location=self.device)
+        frozen = frozen_changes(config_changes(state.get("config"), self.cfg.to_dict()))
+        if frozen:
+            raise ResumeError(f"{path}: --init needs the model of the weights: "
+                              + "; ".join(f"{k} is {a!r} in the file, {b!r} now" for k, a, b in frozen))
+        check_state_shapes(self.model.state_dict(), state["model"], path, "model.* settings")
+        self.model.load_state_dict(state["model"])
 
     # ------------------------------------------------------------------ one step
     def _batch(self, step: int) -> dict:
@@ -237,19 +363,84 @@ class Trainer:
         return record
 
     # ------------------------------------------------------------------ the run
+    def request_stop(self, signum: int) -> None:
+        """Ask the run to stop after the step in progress, with a checkpoint (safe from a signal handler)."""
+        self._stop_signal = int(signum)
+
+    def _stop_agreed(self) -> Optional[int]:
+        """The stop signal if any rank has one (ranks agree through a gloo all-reduce on the CPU: no device
+        synchronisation), else None."""
+        if self._stop_group is None:
+            return self._stop_signal
+        flag = torch.tensor([self._stop_signal or 0], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._stop_group)
+        return int(flag) or None
+
+    def _step_or_skip(self) -> dict:
+        """:meth:`train_step`, or, when its forward pass is not finite (:func:`is_nonfinite_forward`), the
+        step skipped and counted like one with non-finite gradients (a record without a loss)."""
+        step = self.step
+        try:
+            return self.train_step()
+        except (ValueError, FloatingPointError) as err:
+            if not is_nonfinite_forward(err):
+                raise
+            reason = f"{type(err).__name__}: {err}"
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        with warnings.catch_warnings():              # a run whose first step is skipped: no optimiser step yet
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
+        self.step += 1
+        return {"step": step, "skipped": f"non-finite forward pass ({reason})", "skipped_steps": self.skipped_steps,
+                "lr": self.scheduler.get_last_lr()[0]}
+
+    def _stop_for_signal(self, signum: int) -> TrainingInterrupted:
+        self.close_loader()
+        path = self.save("last.pt")
+        if self.logger is not None:
+            self.logger.close()
+        return TrainingInterrupted(signum, self.step, path)
+
+    def _stop_as_diverged(self) -> TrainingDiverged:
+        self.close_loader()
+        path = self.save("last.pt")
+        if self.logger is not None:
+            self.logger.close()
+        return TrainingDiverged(self.step, self.skipped_in_row, path)
+
     def run(self) -> list[dict]:
+        """Train to ``train.steps``.  Raises :class:`TrainingInterrupted` after :meth:`request_stop` and
+        :class:`TrainingDiverged` after ``train.max_skipped_in_row`` skipped steps in a row, each after
+        writing ``checkpoints/last.pt``."""
         tc = self.train_cfg
         if self.dist.is_main:
             save_config(self.cfg, self.out_dir / "config.yaml")
+        if self.dist.distributed and dist.is_initialized() and self._stop_group is None:
+            self._stop_group = dist.new_group(backend="gloo")
         if self.step == 0 and self.val_clips and tc.val_every > 0:
             self._validate()
         while self.step < tc.steps:
-            record = self.train_step()
+            signum = self._stop_agreed()
+            if signum is not None:
+                raise self._stop_for_signal(signum)
+            skipped_before = self.skipped_steps
+            record = self._step_or_skip()
             self.history.append(record)
-            for hook in self.hooks:
-                hook(self, record)
-            if self.logger is not None:
-                self.logger.log_step(record, self)
+            self.skipped_in_row = self.skipped_in_row + 1 if self.skipped_steps > skipped_before else 0
+            if "skipped" in record:
+                if self.dist.is_main:
+                    print(f"step {self.step}/{tc.steps}: {record['skipped']}: skipped ({self.skipped_in_row} in a "
+                          f"row, {self.skipped_steps} in all)", flush=True)
+                if self.logger is not None:
+                    self.logger.log_scalars({"train/skipped_steps": self.skipped_steps}, self.step)
+            else:
+                for hook in self.hooks:
+                    hook(self, record)
+                if self.logger is not None:
+                    self.logger.log_step(record, self)
+            if 0 < tc.max_skipped_in_row <= self.skipped_in_row:
+                raise self._stop_as_diverged()
             if tc.val_every > 0 and self.step % tc.val_every == 0 and self.val_clips:
                 self._validate()
             if tc.checkpoint_every > 0 and self.step % tc.checkpoint_every == 0 and self.step < tc.steps:
