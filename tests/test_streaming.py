@@ -63,8 +63,8 @@ def _path_length(T_wc: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------ the perfect network
-@pytest.mark.parametrize("ba", [dict(ba_adaptive=False, ba_pose_damping=10.0),
-                                dict(ba_adaptive=True, ba_pose_damping=0.0)],
+@pytest.mark.parametrize("ba", [dict(ba_adaptive=False, ba_pose_damping_focal2=0.025),
+                                dict(ba_adaptive=True, ba_pose_damping_focal2=0.0)],
                          ids=["fixed_steps_as_the_network", "adaptive_lm"])
 def test_oracle_recovers_the_trajectory(synthetic_sequence, ba):
     seq = synthetic_sequence

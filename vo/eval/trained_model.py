@@ -60,32 +60,55 @@ def load_model(path: str | os.PathLike, device=None) -> tuple[VONet, dict]:
 #: Keys added to the ``model`` section after checkpoints were written without them, and the value that
 #: describes how such a checkpoint was trained (``model.schedule``: before it, every edge from the first update).
 MODEL_KEYS_ADDED = {"schedule": "all_pairs"}
+#: The ``ba`` section's pixel settings of checkpoints written before the focal-length units
+#: (vo.model.ba_settings), and their values then if absent (pose damping px^2, margin px, residual cut-off px).
+BA_PIXEL_KEYS = {"pose_damping": 0.0, "bounds_margin_px": 16.0, "max_residual_px": 250.0}
+#: Those checkpoints were trained on TartanAir-model cameras (synthetic or TartanAir): ``fx = W / 2``.
+LEGACY_FOCAL_PER_WIDTH = 0.5
 
 
 def with_keys_added_since(config: dict) -> dict:
-    """A checkpoint's config with the keys added since it was written: :data:`MODEL_KEYS_ADDED` with the value
-    it was trained under, the schedule's other settings (unused by ``all_pairs``) at their defaults."""
-    model = dict(config.get("model", {}))
-    if "schedule" in model:
-        return config
+    """A checkpoint's config with the keys added since it was written, valued as it was trained.
+
+    ``model``: :data:`MODEL_KEYS_ADDED`, the schedule's other settings (unused by ``all_pairs``) at their
+    defaults.  ``ba``: the pixel settings (:data:`BA_PIXEL_KEYS`) become focal-length units at the training
+    camera's feature focal (``data.image_size``'s width times :data:`LEGACY_FOCAL_PER_WIDTH`, at 1/4
+    resolution), so the network runs as trained at its training size and scales with the focal elsewhere.
+    """
+    from vo.model.ba_settings import focal_settings
+    from vo.model.encoders import FEATURE_STRIDE
     from vo.model.network import ModelConfig
 
-    defaults = ModelConfig()
-    model.update(MODEL_KEYS_ADDED)
-    for key in ("init_frames", "init_updates", "drop_probability"):
-        model.setdefault(key, getattr(defaults, key))
-    return {**config, "model": model}
+    config = dict(config)
+    model = dict(config.get("model", {}))
+    if "schedule" not in model:
+        defaults = ModelConfig()
+        model.update(MODEL_KEYS_ADDED)
+        for key in ("init_frames", "init_updates", "drop_probability"):
+            model.setdefault(key, getattr(defaults, key))
+        config["model"] = model
+    ba = dict(config.get("ba", {}))
+    if any(key in ba for key in BA_PIXEL_KEYS):
+        size = (config.get("data") or {}).get("image_size")
+        if size is None:
+            raise CheckpointError("the checkpoint's ba section has pixel settings (ba.pose_damping, "
+                                  "ba.bounds_margin_px) but its data section no image_size to convert them by")
+        focal = float(size[1]) * LEGACY_FOCAL_PER_WIDTH / FEATURE_STRIDE
+        old = {key: float(ba.pop(key, default)) for key, default in BA_PIXEL_KEYS.items()}
+        ba.update(focal_settings(old["pose_damping"], old["bounds_margin_px"], old["max_residual_px"], focal))
+        config["ba"] = ba
+    return config
 
 
 def streaming_config_for(net: VONet, **overrides) -> StreamingConfig:
     """A :class:`StreamingConfig` that follows the network's settings (patches per frame, initial inverse
-    depths; the BA's iterations, damping, adaptive or fixed steps, pose damping and image margin, as
-    trained); ``overrides`` win (None values are ignored)."""
+    depths; the BA's iterations, damping, adaptive or fixed steps, and its pose damping, image margin and
+    residual cut-off in units of the focal length, as trained); ``overrides`` win (None values are ignored)."""
     ba = net.ba_cfg
     base = {"patches_per_frame": net.cfg.patches_per_frame, "init_inverse_depth": tuple(net.cfg.init_inverse_depth),
-            "ba_iterations": ba.iterations, "ba_damping": ba.damping, "bounds_margin_px": ba.bounds_margin_px,
-            "ba_adaptive": bool(getattr(ba, "adaptive", True)),
-            "ba_pose_damping": float(getattr(ba, "pose_damping", 0.0))}
+            "ba_iterations": ba.iterations, "ba_damping": ba.damping, "bounds_margin_focal": ba.bounds_margin_focal,
+            "max_residual_focal": ba.max_residual_focal, "ba_pose_damping_focal2": ba.pose_damping_focal2,
+            "ba_adaptive": bool(getattr(ba, "adaptive", True))}
     base.update({k: v for k, v in overrides.items() if v is not None})
     return StreamingConfig(**base)
 

@@ -39,6 +39,7 @@ import torch
 from ba_layer import lie, projective
 from ba_layer.ba import MIN_INVERSE_DEPTH, bundle_adjust
 from vo.instrument.gradstats import snr_of_samples
+from vo.model.ba_settings import feature_focal, pixel_settings
 from vo.model.graph import geometric_weights
 from vo.model.patches import patch_grid
 from vo.train.losses import edge_set_mask, flow_objective, ground_truth_coords, ground_truth_inverse_depth, pose_errors
@@ -49,7 +50,7 @@ LOSS_TERMS = ("flow", "translation", "rotation")
 #: weighted objective (the network's weights, detached), and the pose loss (translation + rotation).
 LINEARIZATION_OBJECTIVES = ("flow", "weighted", "pose")
 #: Keys of :class:`vo.model.network.BAConfig` the network passes to :func:`ba_layer.bundle_adjust` under the same name.
-BA_CONFIG_PASSTHROUGH = ("pose_damping", "adaptive")
+BA_CONFIG_PASSTHROUGH = ("adaptive",)
 #: A gain ratio below this is a poor step (the classic Levenberg-Marquardt threshold, dimensionless).
 POOR_GAIN_RATIO = 0.25
 #: Edges with a weight gradient or residual below this magnitude are left out of the log-log correlation
@@ -198,7 +199,10 @@ def problem_of_update(output, update: int, ba_cfg, patch_size: int) -> BAProblem
     g = output.graph
     settings = dict(iterations=ba_cfg.iterations, damping=ba_cfg.damping, fixed_poses=ba_cfg.fixed_poses,
                     backward=ba_cfg.backward, truncate_k=ba_cfg.truncate_k, mode="full",
-                    image_size=tuple(output.feature_size), image_margin_px=ba_cfg.bounds_margin_px)
+                    image_size=tuple(output.feature_size))
+    if hasattr(ba_cfg, "pose_damping_focal2"):        # the BA's pixel settings as the network ran them
+        settings.update(pixel_settings(ba_cfg.pose_damping_focal2, ba_cfg.bounds_margin_focal,
+                                       ba_cfg.max_residual_focal, feature_focal(output.intrinsics)))
     for key in BA_CONFIG_PASSTHROUGH:               # settings the network passes on when its config has them
         if hasattr(ba_cfg, key):
             settings[key] = getattr(ba_cfg, key)

@@ -42,6 +42,7 @@ from ba_layer import projective
 from ba_layer.ba import bundle_adjust
 from ba_layer.debug import DEBUG_CHECKS_ENV, checks_enabled
 from vo.config import dataclass_from_section
+from vo.model.ba_settings import feature_focal, pixel_settings
 from vo.model.correlation import AllPairsCorrBlock, CorrBlock
 from vo.model.encoders import FEATURE_STRIDE, Encoder
 from vo.model.graph import PatchGraph, clip_graph, geometric_weights
@@ -100,8 +101,10 @@ class BAConfig:
     truncate_k: int = 1
     damping: float = 1e-4
     fixed_poses: int = 1
-    bounds_margin_px: float = 16.0   # reprojections this far outside the feature map are masked (feature px)
-    pose_damping: float = 10.0       # absolute damping of the reduced pose system (DPVO's ep = 10)
+    # in units of the feature focal length f (vo.model.ba_settings): the same at any resolution
+    pose_damping_focal2: float = 0.025   # damping of the reduced pose system, f^2 (10 px^2 at f = 20: DPVO's ep)
+    bounds_margin_focal: float = 0.8     # reprojections this far outside the feature map are masked, f (16 px)
+    max_residual_focal: float = 12.5     # edges with a larger residual norm are masked, f (250 px: DPVO's)
     adaptive: bool = False           # False: DPVO's fixed-damping, always-accepted steps; True: adaptive LM
 
     BACKWARDS = ("unroll", "truncated", "implicit")
@@ -218,6 +221,13 @@ class VONet(nn.Module):
         return clip_schedule_on(N, c.patches_per_frame, c.max_frame_gap, iters, c.schedule, c.init_frames,
                                 c.init_updates, drops, device)
 
+    def ba_pixel_settings(self, intrinsics: torch.Tensor) -> dict:
+        """The BA's pixel settings (``pose_damping``, ``image_margin_px``, ``max_residual_px``) of the ``ba``
+        config's focal-length units for ``intrinsics`` (..., 4) at feature resolution (vo.model.ba_settings)."""
+        b = self.ba_cfg
+        return pixel_settings(b.pose_damping_focal2, b.bounds_margin_focal, b.max_residual_focal,
+                              feature_focal(intrinsics))
+
     @property
     def geometry_dtype(self) -> torch.dtype:
         """The dtype of projection, correlation and BA: the parameters' (float32, or float64 after ``.double()``),
@@ -269,7 +279,7 @@ class VONet(nn.Module):
             hidden = fmap.new_zeros(B, len(graph), c.dim)
             edge_context = context.index_select(1, graph.kk)
             centre = c.patch_size // 2
-            margin = self.ba_cfg.bounds_margin_px
+            pixels = self.ba_pixel_settings(K)
             plan = self.schedule(N, iters, generator, images.device)
 
             steps = []
@@ -298,8 +308,7 @@ class VONet(nn.Module):
                     fixed_poses=n if structure_only else min(self.ba_cfg.fixed_poses, n),
                     backward=self.ba_cfg.backward, truncate_k=self.ba_cfg.truncate_k,
                     mode="structure" if structure_only else "full",
-                    image_size=(h, w), image_margin_px=margin, pose_damping=self.ba_cfg.pose_damping,
-                    adaptive=self.ba_cfg.adaptive)
+                    image_size=(h, w), adaptive=self.ba_cfg.adaptive, **pixels)
                 T_wc = torch.cat([result.T_wc, T_wc[:, n:]], dim=1)
                 d = torch.cat([result.patches[:, :, 2, centre, centre], d[:, n * p:]], dim=1)
                 reproj = projective.transform(T_wc, patch_grid(centres, c.patch_size, d), K,

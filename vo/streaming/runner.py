@@ -62,6 +62,7 @@ import torch
 
 from ba_layer import lie, projective
 from ba_layer.ba import LM_DECREASE_FACTOR, LM_INCREASE_FACTOR, MAX_DAMPING, bundle_adjust
+from vo.model.ba_settings import feature_focal, pixel_settings
 from vo.model.encoders import FEATURE_STRIDE
 from vo.model.graph import geometric_weights
 from vo.model.patches import image_gradient_score, select_centres
@@ -100,6 +101,9 @@ class StreamingVO:
             raise ValueError(f"intrinsics: expected 4 finite numbers [fx fy cx cy] with fx, fy > 0, got {k.tolist()}")
         self.intrinsics = k
         self.feature_intrinsics = projective.scale_intrinsics(k, 1.0 / FEATURE_STRIDE).to(self.device, dtype)
+        c = self.cfg
+        self.ba_pixels = pixel_settings(c.ba_pose_damping_focal2, c.bounds_margin_focal, c.max_residual_focal,
+                                        feature_focal(self.feature_intrinsics))     # the BA's pixels at this size
         self.p = int(self.cfg.patches_per_frame or source.patches_per_frame)
         self.window = KeyframeWindow(self.cfg.removal_window + EXTRA_SLOTS, self.p, source.patch_size,
                                      source.state_dim, self.device, dtype)
@@ -268,8 +272,7 @@ class StreamingVO:
                                    problem.kk, w.targets, geometric_weights(w.weights, problem.ii, problem.jj),
                                    iterations=self.cfg.ba_iterations, damping=self.damping,
                                    fixed_poses=min(fixed, K), image_size=self.feature_size,
-                                   image_margin_px=self.cfg.bounds_margin_px, adaptive=self.cfg.ba_adaptive,
-                                   pose_damping=self.cfg.ba_pose_damping)
+                                   adaptive=self.cfg.ba_adaptive, **self.ba_pixels)
         w.write_back(problem, result.T_wc, result.inverse_depth)
         self._carry_damping(result.status)
         self.counts["updates"] += 1

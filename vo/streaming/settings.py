@@ -42,8 +42,10 @@ class StreamingConfig:
     ba_iterations: int = 2                    # LM iterations per update
     ba_damping: float = 1e-4                  # Marquardt damping (the start value when ba_adaptive)
     ba_adaptive: bool = False                 # False: DPVO's fixed-damping steps (the network's BA); True: LM
-    ba_pose_damping: float = 10.0             # absolute damping of the pose system (DPVO's ep, the network's)
-    bounds_margin_px: float = 16.0            # feature px outside the map at which the BA masks an edge
+    # the BA's resolution-dependent settings in units of the feature focal length f (vo.model.ba_settings)
+    ba_pose_damping_focal2: float = 0.025     # damping of the pose system, f^2 (DPVO's ep, the network's)
+    bounds_margin_focal: float = 0.8          # f outside the map at which the BA masks an edge
+    max_residual_focal: float = 12.5          # f: edges with a larger residual norm are masked
     gradient_bias: bool = True                # patch centres at strong image gradients
     seed: int = 0                             # patch selection and initial depths
 
