@@ -13,10 +13,23 @@ Problems are *errors* (the data is broken: a reader would raise) or
 *warnings* (the data is usable but incomplete: EuRoC's ground truth starting
 after the camera, TUM colour frames dropped for lack of depth).  The exit
 status is 1 if there is an error, or a warning with ``--strict``; 0 otherwise.
+
+A fast pass for training (:func:`preflight`)
+============================================
+``train.py`` checks its training sequences before the first step instead of
+meeting a broken file hours in: every image's header (PNG: signature, size
+against the sequence's, the closing ``IEND`` chunk that a truncated file
+lacks) and every depth file's ``.npy`` header (shape, dtype, a file long
+enough for them), two small reads per file, no decoding.  A sequence that
+passes is remembered in the clip index's cache folder under the sequence's
+fingerprint (its files' sizes and modification times), so the pass costs
+only the first start after the data changes.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +45,13 @@ from .text_tables import check_increasing, parse_floats, read_rows
 KITTI_POSE_FIELDS = 12
 TARTANAIR_POSE_FIELDS = 7
 EXIT_OK, EXIT_PROBLEMS = 0, 1
+#: The 8 bytes every PNG file starts with, and its closing chunk (length 0, ``IEND``, CRC).
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+#: Bytes read at the head of a PNG (signature, IHDR length and type, width, height) and at its tail.
+PNG_HEAD_BYTES, PNG_TAIL_BYTES = 24, 64
+#: Version of the preflight's cached verdicts (bump when :func:`preflight_sequence` checks more).
+PREFLIGHT_VERSION = 1
 #: Readers that take ``problems=Problems(strict=False)`` and go on after an error (the others stop at the first).
 COLLECTING_READERS = ("euroc", "tum", "folder")
 
@@ -190,6 +210,98 @@ def check_sequence(dataset: str, name: str, path: Path, read_images: bool = True
     if read_images:
         _check_frames(seq, problems)
     return report
+
+
+# ---------------------------------------------------------------- the fast pass before training
+def png_size(path: Path) -> tuple[int, int]:
+    """(H, W) of a PNG file from its header; :class:`DataError` if it is not a whole PNG (bad signature or
+    header, no closing ``IEND`` chunk: a truncated file)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(PNG_HEAD_BYTES)
+            f.seek(max(0, os.fstat(f.fileno()).st_size - PNG_TAIL_BYTES))
+            tail = f.read()
+    except OSError as err:
+        raise DataError(path, f"cannot read this image ({err.strerror or err})") from None
+    if len(head) < PNG_HEAD_BYTES or head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
+        raise DataError(path, "not a PNG image (bad signature or header): the file is corrupt or of another format")
+    if PNG_IEND not in tail:
+        raise DataError(path, "PNG image without its closing IEND chunk: the file is truncated")
+    return int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big")
+
+
+def npy_header(path: Path) -> tuple[tuple, np.dtype]:
+    """(shape, dtype) of a ``.npy`` file from its header; :class:`DataError` if the header is unreadable or the
+    file is shorter or longer than the header says."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+            offset = f.tell()
+            size = os.fstat(f.fileno()).st_size
+    except (OSError, ValueError) as err:
+        raise DataError(path, f"cannot read this .npy depth file ({err})") from None
+    if dtype.hasobject:
+        raise DataError(path, f"expected a numeric depth array, got dtype {dtype}")
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if size != expected:
+        raise DataError(path, f".npy depth file of {size} bytes, expected {expected} for shape {tuple(shape)} "
+                              f"dtype {dtype}: the file is truncated or corrupt")
+    return tuple(shape), dtype
+
+
+def preflight_sequence(seq) -> list[DataError]:
+    """Every image and depth file of a training sequence checked from its header (module docstring): one
+    :class:`DataError` per bad file.  ``seq`` has ``image_files`` (or ``files``), ``native_size`` (H, W)
+    and, with depth, ``depth_files``."""
+    errors = []
+    size = tuple(seq.native_size)
+    for path in list(getattr(seq, "image_files", None) or getattr(seq, "files", [])):
+        try:
+            if Path(path).suffix.lower() == ".png":
+                found = png_size(path)
+            else:                                           # no header parser: decode it
+                found = tuple(read_image(path).shape[-2:])
+            if found != size:
+                raise DataError(path, f"image of size {found} (H, W), expected {size} like the sequence's first")
+        except DataError as err:
+            errors.append(err)
+    for path in list(getattr(seq, "depth_files", None) or []):
+        try:
+            shape, dtype = npy_header(path)
+            if not (shape == size or shape == size + (1,)) or not np.issubdtype(dtype, np.number):
+                raise DataError(path, f"expected a numeric depth array of shape {size} (the image size), got shape "
+                                      f"{shape} dtype {dtype}")
+        except DataError as err:
+            errors.append(err)
+    return errors
+
+
+def _preflight_marker(seq, cache_dir: Optional[Path]) -> Optional[Path]:
+    fingerprint = getattr(seq, "fingerprint", None)
+    if cache_dir is None or fingerprint is None:
+        return None
+    key = hashlib.sha256(f"{PREFLIGHT_VERSION}:{fingerprint()}".encode()).hexdigest()[:24]
+    return Path(cache_dir) / f"preflight-{key}.ok"
+
+
+def preflight(sequences, cache_dir: Optional[Path] = None) -> tuple[list[DataError], int]:
+    """:func:`preflight_sequence` on every sequence not already passed (a marker in ``cache_dir`` under its
+    fingerprint; ``None``: no cache).  Returns ``(every problem, the number of sequences checked now)``; a
+    sequence that passes gets its marker."""
+    errors, checked = [], 0
+    for seq in sequences:
+        marker = _preflight_marker(seq, cache_dir)
+        if marker is not None and marker.is_file():
+            continue
+        found = preflight_sequence(seq)
+        checked += 1
+        errors.extend(found)
+        if not found and marker is not None:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+    return errors, checked
 
 
 # ---------------------------------------------------------------- command line
