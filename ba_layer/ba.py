@@ -60,7 +60,9 @@ on the host, where :func:`ba_layer.debug.value_checks` says so: by default on
 the CPU, on a GPU with ``VERACITY_DEBUG_CHECKS=1``.  Without them a call reads
 one value on the host: whether any factorisation failed or any step left the
 finite numbers (:func:`ba_layer.ba_lm.run_lm`); with ``adaptive`` and
-``tolerance > 0`` also one per iteration, to stop once every problem converged.
+``tolerance > 0`` also one per iteration, to stop once every problem converged,
+and with ``adaptive`` on the CPU (where a read is free) one per iteration to
+skip work when every step was accepted.
 
 This module is the public entry (:func:`bundle_adjust`, :class:`BundleAdjustment`)
 and its input checks; the forward, the implicit backward and the status live in

@@ -110,6 +110,16 @@ class BACall:
                          weights, self.image_size, self.margin_px, self.max_residual_px, self.pairs)
 
 
+def reads_are_free(device: torch.device) -> bool:
+    """Whether a read on the host waits for nothing on ``device``: on the CPU (no queue of kernels to drain).
+
+    There the LM asks per iteration whether every step was accepted, to skip the per-problem selection of
+    the linearisation (about 5 % of an iteration at ``window10``); elsewhere it selects without asking.
+    The two give the same numbers.
+    """
+    return device.type == "cpu"
+
+
 def with_retries(attempt, lam: torch.Tensor):
     """Run ``attempt(lam) -> (result, failed (B,))``, raising the damping of the failed problems and retrying.
 
@@ -204,10 +214,11 @@ def run_lm(T, d, data: EdgeData, cfg: BACall, iterations: int, lam: torch.Tensor
     each, every step taken where ``adaptive=False`` (DPVO's steps), masked by ``torch.where`` per problem
     otherwise.  One read follows: did a factorisation fail, or (``adaptive=False``) did a step leave the
     finite numbers?  Only then does the call run again in the careful mode of the module docstring, which
-    retries failed factorisations at once and rejects non-finite steps, reading on the host each iteration.
-    The results are the careful mode's in every case (where nothing failed the two modes compute the same
-    numbers).  With ``adaptive`` and ``tolerance > 0`` one read per iteration also stops the loop once every
-    problem has converged.
+    retries failed factorisations at once and rejects non-finite steps, reading on the host each
+    iteration.  The results are the careful mode's in every case (where nothing failed the two modes
+    compute the same numbers).  With ``adaptive`` and ``tolerance > 0`` one read per iteration also stops
+    the loop once every problem has converged; with ``adaptive`` on the CPU, where reads are free
+    (:func:`reads_are_free`), one per iteration skips the masking when every step was accepted.
 
     Returns ``(T, d, lin, lam, history, counters)``.
     """
@@ -238,6 +249,8 @@ def _iterate(T, d, data: EdgeData, cfg: BACall, iterations: int, lam: torch.Tens
     trouble = None
     # a problem stops when it fails (only the careful mode goes on with the others) or converges
     stoppable = careful or (cfg.adaptive and cfg.tolerance > 0)
+    # where a read is free, ask whether every (any) step was accepted and skip the per-problem selection
+    shortcuts = careful or reads_are_free(dev)
     for it in range(iterations):
         if it == grad_from and grad_from > 0 and torch.is_grad_enabled():
             # straight-through attachment of the untracked iterations to the inputs
@@ -274,12 +287,19 @@ def _iterate(T, d, data: EdgeData, cfg: BACall, iterations: int, lam: torch.Tens
                 needs_care = now_failed if cfg.adaptive else now_failed | ~finite
                 trouble = needs_care if trouble is None else trouble | needs_care
             if not careful and not cfg.adaptive:
-                T, d, lin = T_c, d_c, lin_c             # DPVO's steps: all taken (a failed one is trouble)
+                all_accepted, any_accepted = True, True     # DPVO's steps: all taken (a failed one is trouble)
+            elif shortcuts:
+                all_accepted, any_accepted = torch.stack([accept.all(), accept.any()]).tolist()
+            else:
+                all_accepted, any_accepted = False, True
+            if all_accepted:
+                T, d, lin = T_c, d_c, lin_c
             else:
                 # where() even if no step was taken: the output stays connected to the graph (zero gradient)
                 T = torch.where(accept[:, None, None], T_c, T)
                 d = torch.where(accept[:, None], d_c, d)
-                lin = select(accept, lin_c, lin)
+                if any_accepted:
+                    lin = select(accept, lin_c, lin)
             hist.cost.append(lin.cost.detach())
             hist.damping.append(lam_used.detach())
             hist.accepted.append(accept)

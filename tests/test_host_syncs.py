@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ba_layer import ba_linearize, ba_problems, debug, lie, projective, scatter
+from ba_layer import ba_linearize, ba_lm, ba_problems, debug, lie, projective, scatter
 from ba_layer.alignment import umeyama
 from ba_layer.ba import bundle_adjust
 
@@ -187,15 +187,19 @@ def test_umeyama_input_checks_follow_the_switch():
 # ------------------------------------------------------------------ the BA layer's reads per call
 #: Host reads of one bundle_adjust call (forward and backward) with the checks off, after the graph's first
 #: call: run_lm's one question (did a factorisation fail?) and, in the implicit backward, the same question
-#: about the adjoint system.
+#: about the adjoint system.  With ``adaptive`` on the CPU, where reads are free, the LM also asks once per
+#: iteration whether every step was accepted (ba_lm.reads_are_free; not on a GPU).
 READS_PER_CALL = {"unroll": 1, "truncated": 1, "implicit": 2}
+ITERATIONS = 4
 
 
 @pytest.mark.parametrize("backward", sorted(READS_PER_CALL))
-@pytest.mark.parametrize("adaptive", [False, True])
-def test_a_bundle_adjustment_call_reads_the_host_a_stated_number_of_times(backward, adaptive):
+@pytest.mark.parametrize("adaptive,on_gpu", [(False, False), (True, False), (True, True)],
+                         ids=["dpvo_steps", "adaptive_cpu", "adaptive_as_on_a_gpu"])
+def test_a_bundle_adjustment_call_reads_the_host_a_stated_number_of_times(backward, adaptive, on_gpu,
+                                                                          monkeypatch):
     p = _problem()
-    kw = dict(iterations=4, backward=backward, truncate_k=2, adaptive=adaptive,
+    kw = dict(iterations=ITERATIONS, backward=backward, truncate_k=2, adaptive=adaptive,
               pose_damping=0.0 if adaptive else 10.0)
     ii, jj = p.ii.clone(), p.jj.clone()                    # a graph this test sees first
     p = ba_problems.BAProblem(p.T_wc_true, p.patches_true, p.T_wc_init, p.patches_init, p.intrinsics, ii, jj,
@@ -209,17 +213,22 @@ def test_a_bundle_adjustment_call_reads_the_host_a_stated_number_of_times(backwa
 
     with debug.checking(False):
         with counting() as first:
-            forward_backward()
+            reference = forward_backward()
+        if on_gpu:
+            monkeypatch.setattr(ba_lm, "reads_are_free", lambda device: False)
         with counting() as calls:
             result, grad = forward_backward()
-    expected = READS_PER_CALL[backward]
+    expected = READS_PER_CALL[backward] + (ITERATIONS if adaptive and not on_gpu else 0)
     assert calls.total(calls.reads, "ba_layer/") == expected, calls.reads
     assert all(site.startswith(("ba_layer/ba_lm.py", "ba_layer/ba_implicit.py")) for _, site in calls.reads)
     # the graph's first call also finds its frame pairs (torch.unique), then keeps them
     assert first.sites(first.reads, "ba_layer/ba_linearize.py") and not calls.sites(calls.reads, "ba_linearize")
-    assert first.total(first.reads, "ba_layer/") == expected + 1
+    assert first.total(first.reads, "ba_layer/") == READS_PER_CALL[backward] + (ITERATIONS if adaptive else 0) + 1
     assert calls.total(calls.copies, "ba_layer/") == 0, calls.copies
     assert bool(result.status.accepted_per_iter.any()) and float(grad.abs().sum()) > 0
+    # the same numbers with and without the CPU's shortcut
+    assert torch.equal(result.T_wc, reference[0].T_wc) and torch.equal(grad, reference[1])
+    assert torch.equal(result.status.cost_per_iter, reference[0].status.cost_per_iter)
     with counting() as checked:                                       # the CPU's default: the checks read
         _call(p, **kw)
     assert checked.total(checked.reads, "ba_layer/ba.py") >= 1
