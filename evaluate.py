@@ -48,6 +48,8 @@ REPO = Path(__file__).resolve().parent
 DEFAULT_CKPT = REPO / "weights" / "veracity_synthetic.pt"
 DEFAULT_OUT = REPO / "runs" / "eval"
 METHODS = ("learned", "classical")
+#: Readers that take ``intrinsics=`` themselves (the others' are replaced after opening).
+READERS_WITH_INTRINSICS = ("tum", "folder")
 #: Exit status when some run failed (others may have succeeded) and when the input is unusable.
 EXIT_RUN_FAILED, EXIT_BAD_INPUT = 1, 2
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
@@ -67,10 +69,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="data-set folder (default: the embedded synthetic test split, generated on first use)")
     data.add_argument("--seq", action="append", default=None,
                       help="sequence name(s); repeatable or comma-separated (default: every sequence under --root)")
-    data.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                      help="resize images to H x W (intrinsics follow)")
+    data.add_argument("--image-size", nargs="+", metavar="auto | H W", default=None,
+                      help="resize images to H x W (intrinsics follow), or auto: the size that gives each sequence "
+                           "the focal length (pixels) of the checkpoint's training camera (vo.eval.trained_model."
+                           "auto_image_size), shown with the sequence's name; default auto when learned is the "
+                           "only method, else the stored size (every method of a run sees the same images)")
     data.add_argument("--intrinsics", type=float, nargs=4, metavar=("FX", "FY", "CX", "CY"), default=None,
-                      help="intrinsics of a --dataset folder (pixels of the stored images)")
+                      help="intrinsics of the stored images (pixels), for every reader: override the data set's "
+                           "calibration (TUM: undistortion skipped unless the reader's own; EuRoC: those of the "
+                           "undistorted images)")
     data.add_argument("--max-frames", type=int, default=None, help="use only the first N frames of each sequence")
     run = p.add_argument_group("methods")
     run.add_argument("--method", action="append", choices=METHODS, default=None,
@@ -110,8 +117,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--device: expected auto, cpu or cuda[:N], got '{args.device}'")
     if args.max_frames is not None and args.max_frames < 1:
         p.error("--max-frames: expected at least 1")
-    if args.intrinsics is not None and args.dataset != "folder":
-        p.error("--intrinsics is for --dataset folder (the other readers take the data set's calibration)")
+    if args.image_size is None:
+        args.image_size = "auto" if args.method == ["learned"] else None
+    elif args.image_size == ["auto"]:
+        args.image_size = "auto"
+    elif len(args.image_size) == 2 and all(s.isdigit() for s in args.image_size):
+        args.image_size = [int(s) for s in args.image_size]
+    else:
+        p.error(f"--image-size: expected auto or H W (two integers), got {' '.join(args.image_size)}")
+    if args.image_size == "auto" and "learned" not in args.method:
+        p.error("--image-size auto matches the learned method's training camera: give --method learned")
     return args
 
 
@@ -134,8 +149,19 @@ def open_data(args) -> tuple[list[SequenceSource], str]:
         from veracity_datasets.synthetic import ensure_default
 
         root, dataset = ensure_default("test"), "tartanair"
-    options = {"intrinsics": tuple(args.intrinsics)} if args.intrinsics is not None else {}
-    image_size = tuple(args.image_size) if args.image_size else None
+    given_K = tuple(args.intrinsics) if args.intrinsics is not None else None
+    auto = args.image_size == "auto"
+    camera = None
+    if auto:
+        from vo.eval.trained_model import training_camera
+        from vo.train.checkpoint import load_checkpoint
+
+        camera = training_camera(load_checkpoint(args.ckpt, map_location="cpu").get("config") or {})
+        if camera is None:
+            print(f"evaluate.py: {args.ckpt} records no training camera (config data.image_size): --image-size "
+                  f"auto keeps the stored size", file=sys.stderr)
+            auto = False
+    image_size = tuple(args.image_size) if isinstance(args.image_size, list) else None
     try:
         fmt = dataset or detect_format(root)
         found = find_sequences(root, fmt)
@@ -144,15 +170,34 @@ def open_data(args) -> tuple[list[SequenceSource], str]:
     except DataError as e:
         raise InputError(str(e)) from None
 
+    # readers that take the intrinsics themselves; the others get theirs replaced once open
+    options = {"intrinsics": given_K} if given_K is not None and fmt in READERS_WITH_INTRINSICS else {}
+
+    def open_at(name: str, path: Path, size):
+        problems = check_sequence(fmt, name, path, read_images=False, image_size=size, **dict(options)).problems.errors
+        if len(problems) == 1:
+            raise problems[0]
+        if problems:
+            raise DataError(path, f"{len(problems)} problems: " + "; ".join(str(p) for p in problems))
+        seq = open_sequence(fmt, name, path, image_size=size, **dict(options))
+        if given_K is not None and fmt not in READERS_WITH_INTRINSICS:
+            from veracity_datasets.images import resized_intrinsics
+
+            K = torch.tensor(given_K, dtype=torch.float64)
+            seq.intrinsics = resized_intrinsics(K, tuple(seq.native_size), tuple(seq.size)).to(seq.intrinsics)
+        return seq
+
     def opener(name: str, path: Path):
         def open_checked():
-            problems = check_sequence(fmt, name, path, read_images=False, image_size=image_size,
-                                      **dict(options)).problems.errors
-            if len(problems) == 1:
-                raise problems[0]
-            if problems:
-                raise DataError(path, f"{len(problems)} problems: " + "; ".join(str(p) for p in problems))
-            return open_sequence(fmt, name, path, image_size=image_size, **dict(options))
+            if not auto:
+                return open_at(name, path, image_size)
+            from vo.eval.trained_model import auto_image_size
+
+            native = open_at(name, path, None)
+            size = auto_image_size(native.native_size, native.intrinsics.tolist(), camera)
+            seq = open_at(name, path, size)
+            seq.name = f"{seq.name} @ {size[0]}x{size[1]}"          # the size chosen, in the table and the JSON
+            return seq
         return open_checked
 
     label = (lambda name: name) if fmt == "tartanair" else (lambda name: f"{fmt}/{name}")

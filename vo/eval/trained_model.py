@@ -100,6 +100,46 @@ def with_keys_added_since(config: dict) -> dict:
     return config
 
 
+#: ``--image-size auto`` keeps at least this many pixels on the shorter side (a feature map of 16 rows): a
+#: long focal (KITTI: 718 px) matched to the training focal would leave too few rows for the patches.
+AUTO_MIN_SIDE_PX = 64
+
+
+def training_camera(config: dict) -> Optional[dict]:
+    """The camera a checkpoint was trained with: ``{"image_size": [H, W], "intrinsics": [fx fy cx cy]}`` (image
+    pixels).  A checkpoint that records it (``config["training_camera"]``) says so; otherwise it is derived from
+    ``data.image_size``: every training source (the embedded synthetic data, TartanAir) has the TartanAir-model
+    camera, ``fx = fy = W / 2`` (90 degree horizontal field of view), principal point at the centre.  None if
+    the config has neither (e.g. :func:`random_checkpoint`'s)."""
+    if isinstance(config.get("training_camera"), dict):
+        return config["training_camera"]
+    size = (config.get("data") or {}).get("image_size")
+    if size is None:
+        return None
+    H, W = int(size[0]), int(size[1])
+    f = W * LEGACY_FOCAL_PER_WIDTH
+    return {"image_size": [H, W], "intrinsics": [f, f, W / 2.0, H / 2.0]}
+
+
+def auto_image_size(native_size: tuple, intrinsics, camera: dict) -> tuple[int, int]:
+    """The input size (H, W) that gives a sequence the focal length (pixels) of the training ``camera``
+    (:func:`training_camera`): the native size scaled by ``f_train / f``, never above the native size (no detail
+    to gain), the shorter side at least :data:`AUTO_MIN_SIDE_PX`, multiples of the feature stride.  The field of
+    view is the sequence's (a resize does not change it).
+
+    Args:
+        native_size: (H, W) of the stored images.  intrinsics: ``[fx fy cx cy]`` at that size (pixels).
+    """
+    from vo.model.encoders import FEATURE_STRIDE
+
+    H, W = int(native_size[0]), int(native_size[1])
+    f = 0.5 * (float(intrinsics[0]) + float(intrinsics[1]))
+    f_train = 0.5 * (float(camera["intrinsics"][0]) + float(camera["intrinsics"][1]))
+    scale = min(1.0, f_train / f)
+    scale = max(scale, min(1.0, AUTO_MIN_SIDE_PX / min(H, W)))
+    return tuple(max(FEATURE_STRIDE, int(round(scale * n / FEATURE_STRIDE)) * FEATURE_STRIDE) for n in (H, W))
+
+
 def streaming_config_for(net: VONet, **overrides) -> StreamingConfig:
     """A :class:`StreamingConfig` that follows the network's settings (patches per frame, initial inverse
     depths; the BA's iterations, damping, adaptive or fixed steps, and its pose damping, image margin and
