@@ -82,16 +82,23 @@ def per_clip(centres: torch.Tensor, batch: int) -> torch.Tensor:
     return centres.expand(batch, -1, -1, -1)
 
 
+def patch_pixels(centres: torch.Tensor, patch_size: int, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer pixel coordinates of every patch pixel: ``xs`` (B, N, p, 1, P) and ``ys`` (B, N, p, P, 1) for
+    centres (B, N, p, 2) or shared (N, p, 2) (broadcast together they give the (B, N, p, P, P) grid)."""
+    centres = per_clip(centres.to(device), batch)
+    r = patch_size // 2
+    offsets = torch.arange(-r, r + 1, device=device)
+    xs = centres[..., 0, None, None] + offsets.view(1, 1, 1, 1, -1)
+    ys = centres[..., 1, None, None] + offsets.view(1, 1, 1, -1, 1)
+    return xs, ys
+
+
 def gather_patches(fmap: torch.Tensor, centres: torch.Tensor, patch_size: int) -> torch.Tensor:
     """Feature squares around centres: fmap (B, N, C, h, w), centres (B, N, p, 2) or shared (N, p, 2)
     -> (B, N*p, C, P, P)."""
     B, N, C, h, w = fmap.shape
-    centres = per_clip(centres.to(fmap.device), B)
-    p = centres.shape[2]
-    r = patch_size // 2
-    offsets = torch.arange(-r, r + 1, device=fmap.device)
-    xs = centres[..., 0, None, None] + offsets.view(1, 1, 1, 1, -1)                   # (B, N, p, 1, P)
-    ys = centres[..., 1, None, None] + offsets.view(1, 1, 1, -1, 1)                   # (B, N, p, P, 1)
+    xs, ys = patch_pixels(centres, patch_size, B, fmap.device)
+    p = xs.shape[2]
     frame = torch.arange(N, device=fmap.device).view(1, N, 1, 1, 1)
     flat = (frame * h * w + ys * w + xs).reshape(B, -1, 1)                             # (B, N*p*P*P, 1)
     values = fmap.permute(0, 1, 3, 4, 2).reshape(B, N * h * w, C).gather(1, flat.expand(-1, -1, C))
@@ -99,14 +106,12 @@ def gather_patches(fmap: torch.Tensor, centres: torch.Tensor, patch_size: int) -
 
 
 def patch_grid(centres: torch.Tensor, patch_size: int, inverse_depth: torch.Tensor) -> torch.Tensor:
-    """Pixel grids ``(u, v, d)`` (B, M, 3, P, P) of patches with centres (B, N, p, 2) or shared (N, p, 2)
-    and inverse depths (B, M)."""
-    r = patch_size // 2
-    offsets = torch.arange(-r, r + 1, device=inverse_depth.device, dtype=inverse_depth.dtype)
-    B = inverse_depth.shape[0]
-    c = per_clip(centres, B).reshape(B, -1, 2).to(inverse_depth)                      # (B, M, 2)
-    M = c.shape[1]
-    u = (c[..., 0, None, None] + offsets.view(1, 1, 1, -1)).expand(B, M, patch_size, patch_size)
-    v = (c[..., 1, None, None] + offsets.view(1, 1, -1, 1)).expand(B, M, patch_size, patch_size)
-    d = inverse_depth[:, :, None, None].expand(B, M, patch_size, patch_size)
+    """Pixel grids ``(u, v, d)`` (B, M, 3, P, P) of patches with centres (B, N, p, 2) or shared (N, p, 2) and
+    inverse depths (B, M) (one per patch) or (B, M, P, P) (one per pixel)."""
+    B, M = inverse_depth.shape[:2]
+    xs, ys = patch_pixels(centres, patch_size, B, inverse_depth.device)
+    shape = (B, M, patch_size, patch_size)
+    u = xs.to(inverse_depth).expand(*xs.shape[:3], patch_size, patch_size).reshape(shape)
+    v = ys.to(inverse_depth).expand(*ys.shape[:3], patch_size, patch_size).reshape(shape)
+    d = inverse_depth if inverse_depth.dim() == 4 else inverse_depth[:, :, None, None].expand(shape)
     return torch.stack([u, v, d], dim=2)

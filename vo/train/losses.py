@@ -29,7 +29,7 @@ from ba_layer import lie, projective
 from vo.config import dataclass_from_section
 from vo.model.encoders import FEATURE_STRIDE
 from vo.model.graph import PatchGraph
-from vo.model.patches import per_clip
+from vo.model.patches import patch_grid, patch_pixels
 
 #: Upper bound on the scale that aligns predicted to true translations (DPVO uses 10).
 MAX_ALIGNMENT_SCALE = 10.0
@@ -54,12 +54,8 @@ def ground_truth_inverse_depth(depths: torch.Tensor, depth_valid: torch.Tensor, 
         centres: (B, N, p, 2) integer patch centres of each clip in feature pixels (or (N, p, 2) shared).
     """
     B, N, H, W = depths.shape
-    centres = per_clip(centres.to(depths.device), B)
-    p = centres.shape[2]
-    r = patch_size // 2
-    offsets = torch.arange(-r, r + 1, device=depths.device)
-    fx = centres[..., 0, None, None] + offsets.view(1, 1, 1, 1, -1)          # (B, N, p, 1, P)
-    fy = centres[..., 1, None, None] + offsets.view(1, 1, 1, -1, 1)          # (B, N, p, P, 1)
+    fx, fy = patch_pixels(centres, patch_size, B, depths.device)                 # (B, N, p, 1, P), (B, N, p, P, 1)
+    p = fx.shape[2]
     frame = torch.arange(N, device=depths.device).view(1, N, 1, 1, 1)
     total = 0.0
     all_valid = True
@@ -82,20 +78,9 @@ def ground_truth_coords(T_wc_gt: torch.Tensor, centres: torch.Tensor, gt_inverse
 
     ``centres`` (B, N, p, 2) (or (N, p, 2) shared), ``gt_inverse_depth`` (B, M, P, P)."""
     P = gt_inverse_depth.shape[-1]
-    grid = _grid_with_depth(centres, P, gt_inverse_depth)
+    grid = patch_grid(centres, P, gt_inverse_depth)
     out = projective.transform(T_wc_gt, grid, intrinsics, graph.ii, graph.jj, graph.kk)
     return out.coords, out.valid
-
-
-def _grid_with_depth(centres: torch.Tensor, P: int, inverse_depth: torch.Tensor) -> torch.Tensor:
-    r = P // 2
-    offsets = torch.arange(-r, r + 1, device=inverse_depth.device, dtype=inverse_depth.dtype)
-    B = inverse_depth.shape[0]
-    c = per_clip(centres, B).reshape(B, -1, 2).to(inverse_depth)                  # (B, M, 2)
-    M = c.shape[1]
-    u = (c[..., 0, None, None] + offsets.view(1, 1, 1, -1)).expand(B, M, P, P)
-    v = (c[..., 1, None, None] + offsets.view(1, 1, -1, 1)).expand(B, M, P, P)
-    return torch.stack([u, v, inverse_depth], dim=2)
 
 
 def edge_set_mask(graph: PatchGraph, edge_set: str) -> torch.Tensor:
