@@ -28,19 +28,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from vo.instrument.causes import (
-    LINEARIZATION_OBJECTIVES,
-    LOSS_TERMS,
-    gain_ratio_summary,
-    gain_ratios,
-    ground_truth_of,
-    interference,
-    linearization_snr,
-    loss_term_gradients,
-    problem_of_update,
-    residual_dependence,
-    term_contributions,
-)
+from vo.instrument import causes
 from vo.instrument.gradstats import snr_of_samples
 from vo.train.distributed import step_generator
 from vo.train.losses import LossConfig, training_loss
@@ -68,7 +56,7 @@ class DiagnoseSettings:
 
 
 def _pair_keys() -> list[str]:
-    return [f"{a}_vs_{b}" for i, a in enumerate(LOSS_TERMS) for b in LOSS_TERMS[i + 1:]]
+    return [f"{a}_vs_{b}" for i, a in enumerate(causes.LOSS_TERMS) for b in causes.LOSS_TERMS[i + 1:]]
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -100,7 +88,7 @@ def diagnose(model, clips: Sequence[dict], loss_cfg: LossConfig, settings: Diagn
     inter = {o: {} for o in OBJECTIVES}
     corr_sums = {}                      # objective / objective_log -> PearsonSums over every clip
     scatter = {o: ([], []) for o in OBJECTIVES}
-    lin = {kind: {o: [] for o in LINEARIZATION_OBJECTIVES} for kind in ("pose", "depth")}
+    lin = {kind: {o: [] for o in causes.LINEARIZATION_OBJECTIVES} for kind in ("pose", "depth")}
     ratios = []
     for k, clip in enumerate(clips):
         g = step_generator(settings.seed + DIAGNOSE_SEED_OFFSET, k, 0, "cpu")
@@ -109,29 +97,30 @@ def diagnose(model, clips: Sequence[dict], loss_cfg: LossConfig, settings: Diagn
         T_gt = clip["T_wc"][None].to(device, torch.float32)
         depths, depth_valid = clip["depths"][None].to(device), clip["depth_valid"][None].to(device)
         out = model(images, K, iters=settings.iters, generator=g)
-        ratios.append(gain_ratios(st.ba_status for st in out.steps))
+        ratios.append(causes.gain_ratios(st.ba_status for st in out.steps))
         weights = [st.weights for st in out.steps]
         for obj in OBJECTIVES:
             lc = replace(loss_cfg, objective=obj)
             terms = training_loss(out, T_gt, depths, depth_valid, lc, settings.flow_coeff, settings.rotation_coeff)
-            contributions = term_contributions(terms, lc, settings.flow_coeff, settings.rotation_coeff)
-            grads = loss_term_gradients(contributions, probes)
-            for key, value in interference(grads).items():
+            contributions = causes.term_contributions(terms, lc, settings.flow_coeff, settings.rotation_coeff)
+            grads = causes.loss_term_gradients(contributions, probes)
+            for key, value in causes.interference(grads).items():
                 inter[obj].setdefault(key, []).append(value)
             for layer in probes:
                 total_grads[obj][layer].append(sum(grads[t][layer] for t in grads).reshape(-1).cpu())
             total_grads[obj]["all"].append(torch.cat([total_grads[obj][layer][-1] for layer in probes]))
             wg = torch.autograd.grad(terms.total, weights, retain_graph=True, allow_unused=True)
-            rd = residual_dependence(out, list(wg))
+            rd = causes.residual_dependence(out, list(wg))
             for key, sums in ((obj, rd.linear), (obj + "_log", rd.log)):
                 corr_sums[key] = sums if key not in corr_sums else corr_sums[key] + sums
             scatter[obj][0].append(rd.residual)
             scatter[obj][1].append(rd.grad_norm)
         if len(out.steps) >= 2:
-            truth = ground_truth_of(out, T_gt, depths, depth_valid, loss_cfg.edge_set,
+            truth = causes.ground_truth_of(out, T_gt, depths, depth_valid, loss_cfg.edge_set,
                                     loss_cfg.detach_alignment_scale)
-            problem = problem_of_update(out, settings.probe_update, model.ba_cfg, model.cfg.patch_size)
-            snr = linearization_snr(problem, truth, settings.pose_noise, settings.depth_noise, settings.trials, g)
+            problem = causes.problem_of_update(out, settings.probe_update, model.ba_cfg, model.cfg.patch_size)
+            snr = causes.linearization_snr(problem, truth, settings.pose_noise, settings.depth_noise,
+                                           settings.trials, g)
             for kind in ("pose", "depth"):
                 for o, dbs in snr[kind].items():
                     lin[kind][o].append(dbs)
@@ -153,7 +142,7 @@ def _summarise(settings, n_clips, layers, total_grads, inter, corr_sums, scatter
         result["interference"][obj] = {layer: {pair: _mean_std(inter[obj].get(f"cos/{layer}/{pair}", []))
                                                for pair in _pair_keys()} for layer in layers}
         result["term_norms"][obj] = {layer: {t: _mean_std(inter[obj].get(f"norm/{layer}/{t}", []))
-                                             for t in LOSS_TERMS} for layer in layers}
+                                             for t in causes.LOSS_TERMS} for layer in layers}
         result["residual_dependence"][obj] = {"corr_linear": corr_sums[obj].correlation(),
                                               "corr_log": corr_sums[obj + "_log"].correlation(),
                                               "edges": corr_sums[obj].count}
@@ -164,7 +153,7 @@ def _summarise(settings, n_clips, layers, total_grads, inter, corr_sums, scatter
             entry[o] = [_mean_std(list(c)) for c in cols]
         result["linearization"][kind] = entry
     all_ratios = torch.cat(ratios) if ratios else torch.zeros(0, dtype=torch.float64)
-    result["gain_ratio"] = gain_ratio_summary(all_ratios)
+    result["gain_ratio"] = causes.gain_ratio_summary(all_ratios)
     result["_gain_ratios"] = all_ratios
     result["_scatter"] = {}
     for obj in OBJECTIVES:
