@@ -31,6 +31,9 @@ HIT_EPSILON_M = 1e-6
 #: Per-call cost of a box's slab test in ray-box tests (tuned on a 2-core CPU): boxes are tested one by one on
 #: the pixel blocks they cover, or together on the union of the blocks when that costs less.
 BOX_CALL_OVERHEAD_RAYS = 10_000
+#: Scenes with more boxes in view than this (streets; rooms have at most 16) test them near to far, one by one,
+#: and skip a box whose pixel block already sees nearer surfaces everywhere (same result, far fewer tests).
+MANY_BOXES = 32
 #: Bodies reaching closer than this to the camera plane are tested against every pixel's ray, metres.
 NEAR_PLANE_M = 1e-3
 
@@ -75,6 +78,7 @@ class CameraScene:
     box_hi: torch.Tensor              # (3, B', 1) +half - camera centre
     box_to_local: torch.Tensor        # (3 B', 3): (box_to_local @ d).view(3, B', P) directions in the boxes' axes
     box_rect: list                    # per kept box: (v0, v1, u0, u1) pixel block holding its image, or None
+    box_near: list                    # per kept box: a lower bound of the depth of its points (float)
     floor_boxes: torch.Tensor         # (6, Bf) cos, sin, centre x, y (camera-relative), half x, y of floor boxes
     quad_index: torch.Tensor          # (Q',) long
     quad_center: torch.Tensor         # (Q', 3)
@@ -144,12 +148,14 @@ def camera_scene(scene: Scene, T_wc: torch.Tensor, dtype=torch.float32, intrinsi
     cast = lambda x: x.to(dtype)  # noqa: E731
     half, cam = w["box_half"][kb], box_camera[kb]
     floor_boxes = (w["floor_boxes"] - torch.stack([o.new_zeros(2), o[:2], o.new_zeros(2)]).reshape(6)).T
-    rects = [None] * len(kb)
+    rects, near = [None] * len(kb), [0.0] * len(kb)
     if planes is not None and len(kb):
-        rects = _pixel_blocks(((w["box_corners"][kb] - o) @ R_wc).numpy(), K, tuple(size))
+        corners_cam = ((w["box_corners"][kb] - o) @ R_wc).numpy()
+        rects = _pixel_blocks(corners_cam, K, tuple(size))
+        near = corners_cam[..., 2].min(1).tolist()          # depth is linear: a convex body's least is at a corner
     sc = scene.to(dtype)
     return CameraScene(
-        scene=sc, room_lo=cast(w["room_lo"] - o), room_hi=cast(w["room_hi"] - o), box_rect=rects,
+        scene=sc, room_lo=cast(w["room_lo"] - o), room_hi=cast(w["room_hi"] - o), box_rect=rects, box_near=near,
         box_index=kb, box_lo=cast((-half - cam).T[..., None]), box_hi=cast((half - cam).T[..., None]),
         box_to_local=cast(w["box_R"][kb].permute(2, 0, 1).reshape(-1, 3)), floor_boxes=cast(floor_boxes),
         quad_index=kq, quad_center=cast(w["quad_center"][kq] - o), quad_u=cast(w["quad_u"][kq]),
@@ -196,17 +202,41 @@ def _slab(d_l: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, box_index: torc
     return t_near, 6 + FACES_PER_BOX * box_index.to(d_l.dtype)[:, None] + 2 * axis + side
 
 
+def _box_hits_by_pixel(cs: CameraScene, d: torch.Tensor, best_t: torch.Tensor, best_f: torch.Tensor,
+                       pixels: torch.Tensor):
+    """:func:`_box_hits` of rays (3, P) through pixels ``pixels`` (P, 2) long ``(u, v)`` (sub-pixel rays of
+    those pixels): each box, near to far, against the rays of the pixels of its block only."""
+    best_t, best_f = best_t.clone(), best_f.clone()
+    B = cs.box_index.shape[0]
+    u, v = pixels[:, 0], pixels[:, 1]
+    for b in sorted(range(B), key=lambda b: cs.box_near[b]):
+        rect = cs.box_rect[b]
+        rays = torch.arange(u.shape[0]) if rect is None else \
+            ((v >= rect[0]) & (v < rect[1]) & (u >= rect[2]) & (u < rect[3])).nonzero()[:, 0]
+        if rays.numel() == 0:
+            continue
+        d_l = (cs.box_to_local.index_select(0, torch.tensor([b, B + b, 2 * B + b])) @ d.index_select(1, rays))
+        t, face = _slab(d_l.view(3, 1, -1), cs.box_lo[:, b:b + 1], cs.box_hi[:, b:b + 1], cs.box_index[b:b + 1])
+        new_t, new_f = _closest(best_t.index_select(0, rays), best_f.index_select(0, rays), t[0], face[0])
+        best_t.index_copy_(0, rays, new_t)
+        best_f.index_copy_(0, rays, new_f)
+    return best_t, best_f
+
+
 def _box_hits(cs: CameraScene, d: torch.Tensor, best_t: torch.Tensor, best_f: torch.Tensor,
-              grid: Optional[tuple[int, int]] = None):
+              grid: Optional[tuple[int, int]] = None, pixels: Optional[torch.Tensor] = None):
     """Entries of rays (3, P) into the boxes (slab test in each box's axes).
 
     With ``grid`` (H, W) the rays are a raster of that size, and each box is tested only against the block of
     pixels its projection covers (:func:`_pixel_blocks`), or all together on the union of the blocks when
-    that is cheaper (:data:`BOX_CALL_OVERHEAD_RAYS`); otherwise against every ray.
+    that is cheaper (:data:`BOX_CALL_OVERHEAD_RAYS`); otherwise against every ray, or, with more than
+    :data:`MANY_BOXES` boxes and the rays' ``pixels`` (P, 2) given, against those in its block.
     """
     B = cs.box_index.shape[0]
     if B == 0:
         return best_t, best_f
+    if grid is None and pixels is not None and B > MANY_BOXES:
+        return _box_hits_by_pixel(cs, d, best_t, best_f, pixels)
     if grid is None:
         d_l = (cs.box_to_local @ d).view(3, B, -1)                          # (3, B, P)
         t, face = _slab(d_l, cs.box_lo, cs.box_hi, cs.box_index)
@@ -222,10 +252,16 @@ def _box_hits(cs: CameraScene, d: torch.Tensor, best_t: torch.Tensor, best_f: to
     if B * area(union) <= sum(area(r) for r in rects) + (B - 1) * BOX_CALL_OVERHEAD_RAYS:
         groups = [(union, torch.arange(B))]                     # one vectorised test of every box on the union
     else:
-        groups = [(r, torch.tensor([b])) for b, r in enumerate(rects)]
+        order = range(B)
+        if B > MANY_BOXES:                                      # near to far: far boxes are then often hidden
+            order = sorted(order, key=lambda b: cs.box_near[b])
+        groups = [(rects[b], torch.tensor([b])) for b in order]
     for (v0, v1, u0, u1), boxes in groups:
         if v1 <= v0 or u1 <= u0:
             continue
+        if len(boxes) == 1 and B > MANY_BOXES and \
+                float(img_t[v0:v1, u0:u1].amax()) < cs.box_near[int(boxes[0])] - HIT_EPSILON_M:
+            continue                                            # every pixel of its block already sees nearer
         n = len(boxes)
         block = img_d[:, v0:v1, u0:u1].reshape(3, -1)
         rows = (boxes[None] + B * torch.arange(3)[:, None]).reshape(-1)        # x rows, y rows, z rows
@@ -256,17 +292,22 @@ def _quad_hits(cs: CameraScene, d: torch.Tensor, best_t: torch.Tensor, best_f: t
     return best_t, best_f
 
 
-def intersect(cs: CameraScene, d: torch.Tensor, grid: Optional[tuple[int, int]] = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def intersect(cs: CameraScene, d: torch.Tensor, grid: Optional[tuple[int, int]] = None,
+              pixels: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """First hit of rays ``t d`` from the camera centre, ``d`` (3, P): ``t`` (P,) and face index (P,) long.
 
-    ``t`` is in units of ``d`` (the depth when ``d`` has camera z = 1); inf where nothing is hit.  ``grid``
-    (H, W): the rays are the pixel raster of the camera ``cs`` was made for (faster, same result).
+    ``t`` is in units of ``d`` (the depth when ``d`` has camera z = 1); inf where nothing is hit (the sky:
+    the face is then the open room face the ray leaves through).  ``grid``
+    (H, W): the rays are the pixel raster of the camera ``cs`` was made for (faster, same result); ``pixels``
+    (P, 2) long: each ray is within that pixel ``(u, v)`` of that camera (faster with many boxes).
     """
     best_t = torch.full_like(d[0], float("inf"))
     best_f = torch.zeros_like(d[0])
     best_t, best_f = _room_hits(cs, d, best_t, best_f)
-    best_t, best_f = _box_hits(cs, d, best_t, best_f, grid)
+    if cs.scene.sky_faces is not None:                 # an exit through an open face: the sky, at infinity
+        open_sky = cs.scene.sky_faces.index_select(0, best_f.long())
+        best_t = torch.where(open_sky, torch.tensor(float("inf"), dtype=d.dtype), best_t)
+    best_t, best_f = _box_hits(cs, d, best_t, best_f, grid, pixels)
     best_t, best_f = _quad_hits(cs, d, best_t, best_f)
     return best_t, best_f.round().long()
 

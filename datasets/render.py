@@ -52,6 +52,15 @@ EXCLUDED_DISTANCE_M = 1e6
 MIP_FOOTPRINT_SCALE = 0.5
 #: The floor's face index (axis z, the room_hi side).
 FLOOR_FACE = 2 * 2 + 1
+#: The sky's clouds: a texture on a virtual plane this high above the camera, tiles this large (metres), always
+#: relative to the camera (so the sky is at infinity: it moves with rotation only); cloud cover fades to 0 at
+#: the horizon over this elevation (sine); the clouds' RGB radiance.
+CLOUD_HEIGHT_M = 1000.0
+CLOUD_TILE_M = 2500.0
+CLOUD_FADE_ELEVATION = 0.15
+CLOUD_COLOUR = (0.95, 0.95, 0.97)
+#: Smallest elevation (sine) at which the cloud plane is evaluated (rays nearer the horizon see no clouds).
+MIN_CLOUD_ELEVATION = 1e-2
 
 
 # ---------------------------------------------------------------- shading
@@ -92,12 +101,53 @@ def shade(cs: CameraScene, p: torch.Tensor, face: torch.Tensor, n: torch.Tensor)
     return sc.exposure * light * _occlusion(cs, p, face)
 
 
+def sky_colour(cs: CameraScene, bank: TextureBank, d: torch.Tensor, R: torch.Tensor, intrinsics: torch.Tensor,
+               mipmap: bool = True) -> torch.Tensor:
+    """(3, P) radiance of the sky (times the scene's exposure) in the world directions ``d`` (3, P) of a camera
+    with rotation ``R`` (3, 3): a gradient from the horizon's colour to the zenith's and clouds, a texture on a
+    plane :data:`CLOUD_HEIGHT_M` above the camera that moves with it (a function of the direction only)."""
+    sc = cs.scene
+    elevation = -d[2] / torch.sqrt(component_dot(d, d))                       # sine; z points down
+    mix = elevation.clamp(0, 1).sqrt()
+    colour = sc.sky_horizon[:, None] + (sc.sky_zenith - sc.sky_horizon)[:, None] * mix
+    if sc.sky_material >= 0:
+        dz = d[2].clamp(max=-MIN_CLOUD_ELEVATION)                             # the plane above: n = +z, n.d < 0
+        t = -CLOUD_HEIGHT_M / dz
+        st = torch.stack([t * d[0], t * d[1]]) / CLOUD_TILE_M
+        footprint = None
+        for dd in (R[:, 0] / intrinsics[0], R[:, 1] / intrinsics[1]):
+            dp = t * (dd[:, None] - d * (dd[2] / dz))                         # dp/du on the plane (z part is 0)
+            f = torch.sqrt(dp[0] * dp[0] + dp[1] * dp[1]) / CLOUD_TILE_M
+            footprint = f if footprint is None else torch.maximum(footprint, f)
+        footprint = footprint * (float(bank.level_size[0]) * MIP_FOOTPRINT_SCALE) if mipmap \
+            else torch.zeros_like(footprint)
+        material = torch.full(elevation.shape, sc.sky_material, dtype=torch.long)
+        cover = bank.sample(material, st, footprint)[0] * (elevation / CLOUD_FADE_ELEVATION).clamp(0, 1)
+        cloud = torch.tensor(CLOUD_COLOUR, dtype=d.dtype)[:, None]
+        colour = colour * (1 - cover) + cloud * cover
+    return (sc.exposure * colour).clamp(0, 1)
+
+
 def _colour(cs: CameraScene, bank: TextureBank, d: torch.Tensor, R: torch.Tensor, intrinsics: torch.Tensor,
-            grid: Optional[tuple[int, int]] = None, mipmap: bool = True):
+            grid: Optional[tuple[int, int]] = None, mipmap: bool = True, pixels: Optional[torch.Tensor] = None):
     """Shaded colour (3, P) of rays ``d`` (3, P) (camera z = 1) of a camera with rotation ``R`` (3, 3) and pixel
     pitch from ``intrinsics``; also returns ``t`` (P,) and face (P,).  Mip footprints from ray differentials
-    (``mipmap=False``: always the full-resolution level, a point sample).  ``grid``: see :func:`intersect`."""
-    t, face = intersect(cs, d, grid)
+    (``mipmap=False``: always the full-resolution level, a point sample).  ``grid``, ``pixels``: see
+    :func:`intersect`.  Rays into the sky (``t`` inf) get :func:`sky_colour`."""
+    t, face = intersect(cs, d, grid, pixels)
+    colour = _surface_colour(cs, bank, d, R, intrinsics, t, face, mipmap)
+    if cs.scene.sky_faces is not None:
+        sky = torch.isinf(t)
+        colour = torch.where(sky[None], sky_colour(cs, bank, d, R, intrinsics, mipmap), colour)
+    return colour, t, face
+
+
+def _surface_colour(cs: CameraScene, bank: TextureBank, d: torch.Tensor, R: torch.Tensor, intrinsics: torch.Tensor,
+                    t: torch.Tensor, face: torch.Tensor, mipmap: bool) -> torch.Tensor:
+    """(3, P) shaded colour of the surfaces hit at ``t`` (P,) on faces (P,) (:func:`_colour`); where ``t`` is
+    inf (the sky) the value is meaningless but finite."""
+    if cs.scene.sky_faces is not None:
+        t = torch.where(torch.isinf(t), torch.ones_like(t), t)
     n = cs.normal.index_select(1, face)
     p = t * d
     st = texture_coords(cs, p, face)
@@ -116,7 +166,7 @@ def _colour(cs: CameraScene, bank: TextureBank, d: torch.Tensor, R: torch.Tensor
     material = cs.scene.face_material.index_select(0, face)
     footprint = footprint * (float(bank.level_size[0]) * MIP_FOOTPRINT_SCALE) if mipmap else torch.zeros_like(footprint)
     albedo = bank.sample(material, st, footprint) * cs.tint.index_select(1, face)
-    return (albedo * shade(cs, p, face, n)).clamp(0, 1), t, face
+    return (albedo * shade(cs, p, face, n)).clamp(0, 1)
 
 
 def _edge_pixels(face: torch.Tensor) -> torch.Tensor:
@@ -170,7 +220,8 @@ def render_frame(scene: Scene, bank: TextureBank, T_wc: torch.Tensor, intrinsics
             uv = (base[:, None, :] + torch.stack([ou.reshape(-1), ov.reshape(-1)], -1)[None]).reshape(-1, 2)
             K_sub = torch.stack([K[0] * k, K[1] * k, K[2], K[3]])                       # sub-pixel pitch
             d_sub, _ = camera_rays(T_wc, K, uv)
-            sub, _, _ = _colour(cs, bank, d_sub, R, K_sub, mipmap=mipmap)
+            pixels = torch.stack([edge % W, edge // W], -1).repeat_interleave(k * k, 0)
+            sub, _, _ = _colour(cs, bank, d_sub, R, K_sub, mipmap=mipmap, pixels=pixels)
             colour = colour.index_copy(1, edge, sub.view(3, -1, k * k).mean(-1))
     return colour.T.reshape(H, W, 3).float(), t.view(H, W).float(), face.view(H, W)
 

@@ -15,6 +15,11 @@ is the plane ``z = room_hi[2]`` and the ceiling ``z = room_lo[2]``.  A scene is
   the side of ``v x u``;
 * per *face* a material (a texture of a :class:`~.textures.TextureBank`), the
   size of one texture tile on the face in metres, an offset and a colour tint;
+* optionally an open sky: room faces flagged in ``sky_faces`` are not
+  surfaces but the sky at infinity (a street's or a landscape's "room" is
+  its ground plane; its walls and ceiling are sky): rays leaving through them
+  have infinite depth and the sky's colour, a function of their direction
+  only (:mod:`.render`);
 * lights: an ambient term, a directional "sun" and point lamps with a smooth
   ``1 / (1 + (r / falloff)^2)`` fall-off.  Shading is Lambertian, with
   ambient-occlusion-like darkening near the room's edges and around the feet
@@ -29,6 +34,7 @@ Faces are numbered ``0..5`` for the room (``2 * axis + side``, side 0 the
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Optional
 
 import torch
 
@@ -65,6 +71,10 @@ class Scene:
     sun_dir: torch.Tensor = field(default_factory=lambda: torch.tensor([0.3, 0.2, 0.93]))  # direction light travels
     sun_power: float = 0.25
     exposure: float = 1.0             # multiplies the irradiance (one constant per scene: view-independent)
+    sky_faces: Optional[torch.Tensor] = None   # (6,) bool: room faces open to the sky at infinity (None: none)
+    sky_material: int = -1            # texture of the clouds (-1: a clear sky)
+    sky_zenith: torch.Tensor = field(default_factory=lambda: torch.tensor([0.35, 0.55, 0.95]))   # RGB radiance
+    sky_horizon: torch.Tensor = field(default_factory=lambda: torch.tensor([0.8, 0.87, 0.95]))
 
     @property
     def num_boxes(self) -> int:

@@ -66,10 +66,19 @@ import numpy as np
 import torch
 
 from .base import DataError
-from .motion import Trajectory, random_trajectory
 from .render import render
-from .scene_model import Scene
-from .scenes import random_room, random_scene
+from .scene_families import (  # noqa: F401  (re-exported: the generator's scenes, as before the split)
+    FAMILIES,
+    SPLIT_STREAM,
+    SyntheticScene,
+    auto_exposure,
+    make_scene,
+    scene_family,
+    scene_for,
+    scene_kind,
+    scene_name,
+    scene_seed,
+)
 from .tartanair import DEPTH_DIR, DEPTH_SUFFIX, IMAGE_DIR, IMAGE_SUFFIX, POSE_FILE, tartanair_intrinsics
 from .textures import build_texture_bank
 
@@ -82,17 +91,10 @@ CACHE_ENV = "VERACITY_CACHE"
 DEFAULT_CACHE = Path("~/.cache/veracity")
 #: Digits of the trajectory folders' frame numbers, as TartanAir's ``000000_left.png``.
 FRAME_DIGITS = 6
-#: Auto exposure: target mean brightness of the probe renders, allowed exposure range, probe frames and size (H, W).
-TARGET_MEAN_BRIGHTNESS = 0.42
-EXPOSURE_RANGE = (0.6, 3.0)
-EXPOSURE_PROBES = 4
-EXPOSURE_PROBE_SIZE = (24, 32)
 #: Smallest image side the generator accepts, pixels.
 MIN_IMAGE_SIDE_PX = 8
 #: Most processes :func:`generate` uses by default.
 MAX_WORKERS = 4
-#: Entropy words separating the seed streams of the splits.
-SPLIT_STREAM = {"train": 1, "test": 2}
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,9 @@ class SyntheticConfig:
         frames: frames per trajectory (10 Hz).
         train_scenes, train_trajectories: training environments and trajectories (``P###``) per environment.
         test_scenes, test_trajectories: the held-out split's.
-        corridor_every: every ``corridor_every``-th scene of a split is a corridor, the others rooms.
+        corridor_every: every ``corridor_every``-th scene of a split is a corridor, the others rooms (indoor).
+        families: scene families (:data:`~.scene_families.FAMILIES`: ``indoor``, ``street``); scene ``i`` of a
+            split is of family ``families[i % len(families)]``.
         supersample: colour samples per pixel along each axis at geometric edges (:func:`.render.render_frame`).
         seed: master seed.
     """
@@ -118,6 +122,7 @@ class SyntheticConfig:
     corridor_every: int = 3
     supersample: int = 2
     seed: int = 0
+    families: tuple[str, ...] = ("indoor",)
 
     def __post_init__(self):
         h, w = self.image_size
@@ -132,10 +137,17 @@ class SyntheticConfig:
         if self.corridor_every < 1 or self.supersample < 1:
             raise ValueError("corridor_every and supersample: expected integers >= 1")
         object.__setattr__(self, "image_size", (int(h), int(w)))
+        families = (self.families,) if isinstance(self.families, str) else tuple(self.families)
+        if not families or any(f not in FAMILIES for f in families):
+            raise ValueError(f"families: expected one or more of {FAMILIES}, got {self.families!r}")
+        object.__setattr__(self, "families", families)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["image_size"] = list(self.image_size)
+        d["families"] = list(self.families)
+        if d["families"] == ["indoor"]:
+            del d["families"]       # indoor only: the data set of before the families, same key, same output
         return d
 
     def key(self) -> str:
@@ -155,74 +167,14 @@ DEFAULT_CONFIG = SyntheticConfig()
 
 
 # ---------------------------------------------------------------- one scene
-@dataclass
-class SyntheticScene:
-    """A generated scene: its geometry and the trajectories rendered in it (``kind``: room or corridor)."""
-
-    name: str
-    kind: str
-    scene: Scene
-    trajectories: list[Trajectory]
-
-
-def make_scene(seed_words: Seq[int], kind: str, n_trajectories: int, frames: int, name: str = "scene",
-               texture_seed: int = 0) -> SyntheticScene:
-    """Draw a room/corridor, its trajectories and furniture from the seed ``seed_words`` (no rendering)."""
-    rng = np.random.default_rng(np.random.SeedSequence(list(seed_words)))
-    bank = build_texture_bank(texture_seed)
-    lo, hi = random_room(rng, kind)
-    trajectories = [random_trajectory(rng, lo, hi, frames, kind) for _ in range(n_trajectories)]
-    keep_clear = []
-    for t in trajectories:
-        p = t.positions
-        keep_clear += [p, 0.5 * (p[1:] + p[:-1])]
-    scene = random_scene(rng, bank, lo, hi, np.concatenate(keep_clear), kind)
-    scene = dataclasses.replace(scene, exposure=auto_exposure(scene, bank, torch.cat([t.T_wc for t in trajectories])))
-    return SyntheticScene(name=name, kind=kind, scene=scene, trajectories=trajectories)
-
-
-def auto_exposure(scene: Scene, bank, T_wc: torch.Tensor) -> float:
-    """One exposure per scene: brings the mean brightness of a few small probe renders to
-    :data:`TARGET_MEAN_BRIGHTNESS` (clipped to :data:`EXPOSURE_RANGE`).  A constant per scene keeps the
-    shading independent of the viewpoint."""
-    scene = dataclasses.replace(scene, exposure=1.0)           # a fresh copy (Scene caches its conversions)
-    probe = T_wc[torch.linspace(0, len(T_wc) - 1, EXPOSURE_PROBES).round().long()]
-    images, _ = render(scene, bank, probe, tartanair_intrinsics(EXPOSURE_PROBE_SIZE), EXPOSURE_PROBE_SIZE,
-                       supersample=1)
-    mean = float(images.mean())
-    return float(np.clip(TARGET_MEAN_BRIGHTNESS / max(mean, 1e-3), *EXPOSURE_RANGE))
-
-
-def scene_seed(config: SyntheticConfig, split: str, index: int) -> tuple[int, int, int]:
-    """Entropy words of scene ``index`` of ``split``."""
-    return (config.seed, SPLIT_STREAM[split], index)
-
-
-def scene_kind(config: SyntheticConfig, index: int) -> str:
-    """``"corridor"`` for every ``corridor_every``-th scene, else ``"room"``."""
-    return "corridor" if index % config.corridor_every == config.corridor_every - 1 else "room"
-
-
-def scene_name(config: SyntheticConfig, index: int) -> str:
-    """The environment folder of scene ``index``: ``room_00``, ``corridor_02``, ..."""
-    return f"{scene_kind(config, index)}_{index:02d}"
-
-
-def scene_for(config: SyntheticConfig, split: str, index: int) -> SyntheticScene:
-    """Scene ``index`` of ``split`` exactly as :func:`generate` draws it (geometry and trajectories; for
-    checking the ground truth against the renderer)."""
-    _, n_traj = config.scenes(split)
-    return make_scene(scene_seed(config, split, index), scene_kind(config, index), n_traj, config.frames,
-                      scene_name(config, index))
-
-
 def write_sequence(seq_dir: Path, images: torch.Tensor, depths: torch.Tensor, T_wb: torch.Tensor) -> None:
     """Write one trajectory in TartanAir's layout.
 
     Args:
         seq_dir: the ``P###`` folder (created).
         images: (N, H, W, 3) float RGB in [0, 1] (stored as 8-bit PNG, rounded).
-        depths: (N, H, W) float depth along the optical axis, metres (stored as float32 ``.npy``).
+        depths: (N, H, W) float depth along the optical axis, metres (stored as float32 ``.npy``; inf, the sky,
+            is stored as 0: invalid, as every reader takes it).
         T_wb: (N, 7) TartanAir body poses in NED (stored with 17 significant digits: exact float64 round trip).
     """
     import cv2
@@ -234,7 +186,8 @@ def write_sequence(seq_dir: Path, images: torch.Tensor, depths: torch.Tensor, T_
         stem = f"{i:0{FRAME_DIGITS}d}"
         if not cv2.imwrite(str(seq_dir / IMAGE_DIR / (stem + IMAGE_SUFFIX)), rgb8[i, :, :, ::-1]):
             raise DataError(seq_dir / IMAGE_DIR / (stem + IMAGE_SUFFIX), "could not write this image")
-        np.save(seq_dir / DEPTH_DIR / (stem + DEPTH_SUFFIX), depths[i].numpy().astype(np.float32))
+        depth = depths[i].numpy().astype(np.float32)
+        np.save(seq_dir / DEPTH_DIR / (stem + DEPTH_SUFFIX), np.where(np.isfinite(depth), depth, np.float32(0)))
     lines = [" ".join(f"{v:.17g}" for v in row) for row in T_wb.tolist()]
     (seq_dir / POSE_FILE).write_text("\n".join(lines) + "\n")
 

@@ -305,7 +305,8 @@ def _pack(textures: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch
 @functools.lru_cache(maxsize=4)
 def build_texture_bank(seed: int = 0, procedural_count: int = DEFAULT_PROCEDURAL_COUNT,
                        size: int = TILE_SIZE_PX) -> TextureBank:
-    """The bank of every natural texture and ``procedural_count`` procedural ones (deterministic by ``seed``)."""
+    """The bank of every natural texture, ``procedural_count`` procedural ones and the outdoor families'
+    (:mod:`.street_textures`, kind ``"street"``); deterministic by ``seed``."""
     if size < MIN_MIP_SIZE_PX or size & (size - 1):
         raise ValueError(f"size: expected a power of two >= {MIN_MIP_SIZE_PX} texels, got {size}")
     names, kinds, textures = [], [], []
@@ -321,5 +322,13 @@ def build_texture_bank(seed: int = 0, procedural_count: int = DEFAULT_PROCEDURAL
         names.append(f"procedural/{name}_{k}")
         kinds.append("surface")
         textures.append(np.clip(make(rng, size), 0.0, 1.0).astype(np.float32))
+    # the outdoor families' textures come last, so that the indoor ones keep their indices
+    from .street_textures import STREET_KIND, street_textures
+
+    natural = {n: textures[names.index(f"natural/{n}")] for n in ("brick", "gravel", "grass")}
+    for name, texture in street_textures(seed, size, natural):
+        names.append(name)
+        kinds.append(STREET_KIND)
+        textures.append(texture)
     table, base, sizes = _pack(textures)
     return TextureBank(names=names, kinds=kinds, table=table, level_base=base, level_size=sizes)
