@@ -25,7 +25,8 @@ def _load(name: str):
 
 
 ve = _load("variance_experiment")
-TOY = ve.Budget(steps=4, val_every=2, checkpoint_every=2, snr_every=2, snr_minibatches=2)
+#: 4 steps, a checkpoint and a validation every 2, V2V's SNR (2 minibatches) at steps 0 and 4 (and a divergence's end)
+TOY = ve.Budget(steps=4, val_every=2, checkpoint_every=2, snr_every=4, snr_minibatches=2)
 OVERRIDES = ["run.device=cpu", "train.iters=2", "data.n_frames=3", "ba.iterations=2", "train.log_every=1",
              "loss.balance_every=2"] + [f"model.{k}={v}" for k, v in TINY_MODEL.items()]
 ARMS = ("flow_lr1x", "weighted_lr1x")
@@ -55,7 +56,7 @@ def test_a_resumed_run_writes_the_json_of_the_uninterrupted_run(tmp_path):
         assert r["status"] == "complete" and r["divergence"] is None and r["where"] == "test machine"
         assert [s for s, _ in r["val_ate"]] == [0, 2, 4]
         assert [s for s, _ in r["train_loss"]] == [0, 1, 2, 3]
-        assert [x["step"] for x in r["snr"]] == [0, 2, 4]
+        assert [x["step"] for x in r["snr"]] == [0, 4]
         assert all(x["n_minibatches"] == 2 and x["rejected"] == 0 for x in r["snr"])
     assert whole["weighted_lr1x"]["edge_set"] == "all" and whole["weighted_lr1x"]["balancing"] is True
     assert whole["flow_lr1x"]["train_loss"] != whole["weighted_lr1x"]["train_loss"]
@@ -125,3 +126,23 @@ def test_aggregate_on_constructed_curves(tmp_path):
     plot = _load("plot_variance_experiment")
     out = plot.plot({"steps": 500, "runs": len(runs), **s}, tmp_path / "fig.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_skipped_step_is_recorded_as_divergence_and_ends_the_run(tmp_path, monkeypatch):
+    from vo.train import trainer as trainer_module
+
+    train_step = trainer_module.Trainer.train_step
+
+    def failing_at_step_2(self):
+        if self.step == 2:                  # what the BA's input check raises on a non-finite forward pass
+            raise ValueError(f"bundle_adjust: T_wc: {trainer_module.NONFINITE_FORWARD_MESSAGE}")
+        return train_step(self)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", failing_at_step_2)
+    r = _run(tmp_path, "flow_lr1x")
+    assert r["status"] == "diverged"
+    assert r["divergence"]["step"] == 2 and "non-finite forward pass" in r["divergence"]["reason"]
+    assert [s for s, _ in r["train_loss"]] == [0, 1]
+    assert [s for s, _ in r["val_ate"]] == [0, 2]                  # stopped after the skipped step: no step 4
+    assert [x["step"] for x in r["snr"]] == [0, 3]                 # the end: last.pt after the skipped step
+    assert ve.aggregate([r])["arms"]["flow_lr1x"]["diverged"] == {"0": 2}
