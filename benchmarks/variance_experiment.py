@@ -467,10 +467,10 @@ def print_table(summary: dict) -> None:
         print(f"reference ({REFERENCE_ARM}) plateau: {summary['reference_plateau']}")
 
 
-def aggregate_path(budget_name: Optional[str], steps: int) -> Path:
+def aggregate_path(results: Path, budget_name: Optional[str], steps: int) -> Path:
     if budget_name is None:
-        return RESULTS / f"variance_experiment_steps{steps}.json"
-    return RESULTS / ("variance_experiment.json" if budget_name == "cpu" else f"variance_experiment_{budget_name}.json")
+        return results / f"variance_experiment_steps{steps}.json"
+    return results / ("variance_experiment.json" if budget_name == "cpu" else f"variance_experiment_{budget_name}.json")
 
 
 def write_aggregate(results: Path, budget: Budget, out: Path, command: str) -> Optional[dict]:
@@ -503,6 +503,7 @@ def main(argv=None) -> int:
     p.add_argument("--where", default=None, help="label of where the runs run (default: host and device)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1: a shell a core)")
     p.add_argument("--run-root", default=str(RUN_ROOT), help="run folders (checkpoints)")
+    p.add_argument("--results", default=str(RESULTS), help="where the run JSONs and the aggregate go")
     p.add_argument("--aggregate-only", action="store_true", help="rebuild the aggregate from the run JSONs")
     p.add_argument("overrides", nargs="*", help="dotted config overrides for every arm")
     args = p.parse_args(argv)
@@ -511,10 +512,11 @@ def main(argv=None) -> int:
     if args.steps is not None or args.snr_minibatches is not None:
         budget = Budget(**{**asdict(budget), "steps": args.steps or budget.steps,
                            "snr_minibatches": args.snr_minibatches or budget.snr_minibatches})
-    out = aggregate_path(args.budget if args.steps is None else None, budget.steps)
+    results = Path(args.results)
+    out = aggregate_path(results, args.budget if args.steps is None else None, budget.steps)
     command = " ".join(["python", "benchmarks/variance_experiment.py", *(sys.argv[1:] if argv is None else argv)])
     if args.aggregate_only:
-        write_aggregate(RESULTS, budget, out, command)
+        write_aggregate(results, budget, out, command)
         return 0
     from train import _clip_dataset, build_data
     from veracity_datasets.synthetic import ensure_default
@@ -526,9 +528,9 @@ def main(argv=None) -> int:
     snr_dataset = _clip_dataset(protocol_cfg, snr_root, bool(base.data.augment))
     for seed in args.seeds:
         for arm in args.arms:
-            run_one(arm, seed, budget, Path(args.run_root), RESULTS, list(args.overrides), where,
+            run_one(arm, seed, budget, Path(args.run_root), results, list(args.overrides), where,
                     lambda cfg: build_data(cfg, True), snr_dataset, args.base_lr, args.sitting_steps)
-            write_aggregate(RESULTS, budget, out, command)
+            write_aggregate(results, budget, out, command)
     return 0
 
 
