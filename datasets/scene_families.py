@@ -2,8 +2,9 @@
 
 Families (:data:`FAMILIES`):
 
-* ``indoor``: rooms and corridors (:mod:`.scenes`) with smooth handheld-like 6-DoF paths (:mod:`.motion`);
-  every ``corridor_every``-th indoor scene is a corridor;
+* ``indoor``: rooms and corridors (:mod:`.scenes`) with 6-DoF paths (:mod:`.motion`) in the
+  configuration's motion styles (smooth, handheld, drone); every ``corridor_every``-th indoor scene is a
+  corridor;
 * ``street``: a street with buildings, parked cars, poles, trees and the sky (:mod:`.street`), driven
   through by a car (:mod:`.car_motion`).
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from .car_motion import BEHIND_M, car_trajectory, drive_length
-from .motion import Trajectory, random_trajectory
+from .motion import STYLES, Trajectory, random_trajectory
 from .render import render
 from .scene_model import Scene
 from .scenes import random_room, random_scene
@@ -32,6 +33,8 @@ from .textures import build_texture_bank
 
 #: The scene families a data set can draw from.
 FAMILIES = ("indoor", "street")
+#: Motion styles of indoor trajectories.
+INDOOR_MOTIONS = tuple(STYLES)
 #: Scene kinds per family (the environment folders' names).
 KINDS = {"indoor": ("room", "corridor"), "street": ("street",)}
 #: Auto exposure: target mean brightness of the probe renders, allowed exposure range, probe frames and size (H, W).
@@ -56,9 +59,10 @@ class SyntheticScene:
 
 
 def make_scene(seed_words: Seq[int], kind: str, n_trajectories: int, frames: int, name: str = "scene",
-               texture_seed: int = 0) -> SyntheticScene:
+               texture_seed: int = 0, motions: Seq[str] = ("smooth",)) -> SyntheticScene:
     """Draw a scene of ``kind`` (room, corridor or street), its trajectories and furniture from the seed
-    ``seed_words`` (no rendering)."""
+    ``seed_words`` (no rendering).  Indoor trajectory ``k`` moves in style ``motions[k % len(motions)]``
+    (:data:`~.motion.STYLES`); streets are driven through."""
     rng = np.random.default_rng(np.random.SeedSequence(list(seed_words)))
     bank = build_texture_bank(texture_seed)
     if kind == "street":
@@ -68,7 +72,8 @@ def make_scene(seed_words: Seq[int], kind: str, n_trajectories: int, frames: int
         scene = street_scene(rng, bank, road, keep_clear)
     else:
         lo, hi = random_room(rng, kind)
-        trajectories = [random_trajectory(rng, lo, hi, frames, kind) for _ in range(n_trajectories)]
+        trajectories = [random_trajectory(rng, lo, hi, frames, kind, style=STYLES[motions[k % len(motions)]])
+                        for k in range(n_trajectories)]
         keep_clear = []
         for t in trajectories:
             p = t.positions
@@ -117,6 +122,7 @@ def scene_for(config, split: str, index: int) -> SyntheticScene:
     """Scene ``index`` of ``split`` exactly as :func:`~.synthetic.generate` draws it (geometry and trajectories; for
     checking the ground truth against the renderer)."""
     _, n_traj = config.scenes(split)
+    motions = [config.motions[(index + k) % len(config.motions)] for k in range(len(config.motions))]
     return make_scene(scene_seed(config, split, index), scene_kind(config, index), n_traj, config.frames,
-                      scene_name(config, index))
+                      scene_name(config, index), motions=motions)
 

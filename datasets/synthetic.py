@@ -47,7 +47,6 @@ writes a data set anywhere (``--help`` for the parameters).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -69,6 +68,7 @@ from .base import DataError
 from .render import render
 from .scene_families import (  # noqa: F401  (re-exported: the generator's scenes, as before the split)
     FAMILIES,
+    INDOOR_MOTIONS,
     SPLIT_STREAM,
     SyntheticScene,
     auto_exposure,
@@ -109,6 +109,9 @@ class SyntheticConfig:
         corridor_every: every ``corridor_every``-th scene of a split is a corridor, the others rooms (indoor).
         families: scene families (:data:`~.scene_families.FAMILIES`: ``indoor``, ``street``); scene ``i`` of a
             split is of family ``families[i % len(families)]``.
+        motions: motion styles of the indoor trajectories (:data:`~.motion.STYLES`: ``smooth``, ``handheld``,
+            ``drone``); trajectory ``k`` of scene ``i`` moves in ``motions[(i + k) % len(motions)]``.  Streets
+            are driven through by a car (:mod:`.car_motion`).
         supersample: colour samples per pixel along each axis at geometric edges (:func:`.render.render_frame`).
         seed: master seed.
     """
@@ -123,6 +126,7 @@ class SyntheticConfig:
     supersample: int = 2
     seed: int = 0
     families: tuple[str, ...] = ("indoor",)
+    motions: tuple[str, ...] = ("smooth",)
 
     def __post_init__(self):
         h, w = self.image_size
@@ -141,13 +145,18 @@ class SyntheticConfig:
         if not families or any(f not in FAMILIES for f in families):
             raise ValueError(f"families: expected one or more of {FAMILIES}, got {self.families!r}")
         object.__setattr__(self, "families", families)
+        motions = (self.motions,) if isinstance(self.motions, str) else tuple(self.motions)
+        if not motions or any(m not in INDOOR_MOTIONS for m in motions):
+            raise ValueError(f"motions: expected one or more of {INDOOR_MOTIONS}, got {self.motions!r}")
+        object.__setattr__(self, "motions", motions)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["image_size"] = list(self.image_size)
-        d["families"] = list(self.families)
-        if d["families"] == ["indoor"]:
-            del d["families"]       # indoor only: the data set of before the families, same key, same output
+        for name, before in (("families", ["indoor"]), ("motions", ["smooth"])):
+            d[name] = list(d[name])
+            if d[name] == before:
+                del d[name]         # the data set of before families and motions: same key, same output
         return d
 
     def key(self) -> str:
@@ -439,48 +448,11 @@ def ensure_default(split: str = "train", root=None, config: Optional[SyntheticCo
 
 
 # ---------------------------------------------------------------- command line
-def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(x) for x in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 160x120, got {text!r}") from None
-    return h, w
-
-
 def main(argv: Optional[list[str]] = None) -> int:
-    d = DEFAULT_CONFIG
-    p = argparse.ArgumentParser(prog="python -m veracity_datasets.synthetic",
-                                description="Write Veracity's synthetic TartanAir-format data set.")
-    target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--out", type=Path, help="folder to write (must be empty or missing)")
-    target.add_argument("--default", action="store_true",
-                        help=f"generate the default data set into the cache (${CACHE_ENV} or {DEFAULT_CACHE})")
-    p.add_argument("--size", type=_size, default=(d.image_size[0], d.image_size[1]),
-                   help=f"WIDTHxHEIGHT (default {d.image_size[1]}x{d.image_size[0]})")
-    p.add_argument("--frames", type=int, default=d.frames, help="frames per trajectory")
-    p.add_argument("--train-scenes", type=int, default=d.train_scenes)
-    p.add_argument("--train-trajectories", type=int, default=d.train_trajectories, help="per training scene")
-    p.add_argument("--test-scenes", type=int, default=d.test_scenes)
-    p.add_argument("--test-trajectories", type=int, default=d.test_trajectories, help="per test scene")
-    p.add_argument("--supersample", type=int, default=d.supersample)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--workers", type=int, default=None, help="processes (default: the available cores, at most "
-                                                               f"{MAX_WORKERS})")
-    args = p.parse_args(argv)
-    if args.default:
-        start = time.perf_counter()
-        root = ensure_dataset(default_root(), DEFAULT_CONFIG)
-        print(f"{root} ({time.perf_counter() - start:.1f} s)")
-        return 0
-    config = SyntheticConfig(image_size=args.size, frames=args.frames, train_scenes=args.train_scenes,
-                             train_trajectories=args.train_trajectories, test_scenes=args.test_scenes,
-                             test_trajectories=args.test_trajectories, supersample=args.supersample, seed=args.seed)
-    out = generate(args.out, config, verbose=True, workers=args.workers)
-    meta = read_metadata(out)
-    n = sum(len(v) for v in meta["sequences"].values())
-    print(f"{out}: {n} sequences x {config.frames} frames at {config.image_size[1]}x{config.image_size[0]} "
-          f"in {meta['generation_seconds']} s")
-    return 0
+    """``python -m veracity_datasets.synthetic`` (:mod:`.synthetic_cli`)."""
+    from .synthetic_cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 car motion on the road, every family at 4:3 and 3.3:1."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,13 @@ import torch
 from ba_layer import lie
 from veracity_datasets import synthetic
 from veracity_datasets.car_motion import CAMERA_HEIGHT_M, HEIGHT_WOBBLE_M, SPEED_M_S, SPEED_VARIATION
+from veracity_datasets.motion import (
+    CAMERA_CLEARANCE_M,
+    HEADING_SMOOTHING_FRAMES,
+    STYLES,
+    _gaussian_smooth,
+    random_trajectory,
+)
 from veracity_datasets.raycast import pixel_grid
 from veracity_datasets.render import render_frame
 from veracity_datasets.scenes import box_distance
@@ -182,3 +191,53 @@ def test_families_select_scenes_and_enter_the_cache_key():
     road = random_road(np.random.default_rng(0), 300.0)
     assert road.length >= 300.0
     np.testing.assert_allclose(np.linalg.norm(np.diff(road.xy, axis=0), axis=1), 0.5, rtol=1e-9)
+
+
+def _angles(traj):
+    """(N, 3) yaw, pitch, roll of the body poses (R_wb = Rz(yaw) Ry(pitch) Rx(roll))."""
+    R = lie.quaternion_to_matrix(traj.T_wb[:, 3:]).numpy()
+    return np.stack([np.unwrap(np.arctan2(R[:, 1, 0], R[:, 0, 0])), -np.arcsin(np.clip(R[:, 2, 0], -1, 1)),
+                     np.arctan2(R[:, 2, 1], R[:, 2, 2])], -1)
+
+
+def test_motion_styles_handheld_pauses_and_shakes_drone_tilts_into_acceleration():
+    lo, hi = np.array([0.0, 0.0, -4.0]), np.array([10.0, 8.0, 0.0])
+    stats = {name: [] for name in STYLES}
+    for seed in range(4):
+        for name, style in STYLES.items():
+            traj = random_trajectory(np.random.default_rng(seed), lo, hi, 120, style=style)
+            p = traj.positions
+            assert np.all(p >= lo + CAMERA_CLEARANCE_M - 1e-9) and np.all(p <= hi - CAMERA_CLEARANCE_M + 1e-9)
+            steps = np.linalg.norm(np.diff(p, axis=0), axis=1)
+            angles = _angles(traj)
+            # tremor: what a 1-frame Gaussian smoothing removes from yaw and pitch, rad
+            jerk = np.mean([np.abs(a - _gaussian_smooth(a, 1.0))[3:-3].mean() for a in angles[:, :2].T])
+            if name == "drone":                     # the same drone without tilting (tilt draws no numbers)
+                level = random_trajectory(np.random.default_rng(seed), lo, hi, 120,
+                                          style=dataclasses.replace(style, tilt_from_acceleration=0.0))
+                np.testing.assert_array_equal(level.positions, p)
+                accel = np.gradient(np.gradient(p[:, :2], axis=0), axis=0) * 100.0     # m/s^2 at 10 Hz
+                accel = np.stack([_gaussian_smooth(a, HEADING_SMOOTHING_FRAMES) for a in accel.T], -1)
+                forward = accel[:, 0] * np.cos(angles[:, 0]) + accel[:, 1] * np.sin(angles[:, 0])
+                tilt = angles[:, 1] - _angles(level)[:, 1]
+                np.testing.assert_allclose(tilt, -np.arctan(forward / 9.81), atol=1e-9)
+                stats[name].append(np.abs(tilt).max())
+            else:
+                stats[name].append((np.median(steps), (steps < 0.003).mean(), jerk))
+    smooth, handheld = np.array(stats["smooth"]), np.array(stats["handheld"])
+    assert np.all(handheld[:, 0] < smooth[:, 0])                          # slower
+    assert handheld[:, 1].max() > 0.05 and smooth[:, 1].max() == 0        # pauses
+    assert handheld[:, 2].mean() > 2 * smooth[:, 2].mean()                 # shake
+    assert min(stats["drone"]) > 0.02                                     # it tilts noticeably, rad
+
+
+def test_motions_select_styles_per_trajectory_and_enter_the_cache_key():
+    config = synthetic.SyntheticConfig(frames=12, train_trajectories=3, motions=("smooth", "handheld", "drone"))
+    assert config.key() != synthetic.SyntheticConfig(frames=12, train_trajectories=3).key()
+    assert synthetic.SyntheticConfig(frames=12, train_trajectories=3, motions="smooth").key() == \
+        synthetic.SyntheticConfig(frames=12, train_trajectories=3).key()
+    with pytest.raises(ValueError, match="motions"):
+        synthetic.SyntheticConfig(motions=("skate",))
+    sc = synthetic.scene_for(config, "train", 1)
+    speeds = [np.median(np.linalg.norm(np.diff(t.positions, axis=0), axis=1)) for t in sc.trajectories]
+    assert len(set(np.round(speeds, 6))) == 3
