@@ -110,7 +110,7 @@ sys.path.insert(0, str(REPO))
 
 from vo.config import load_config  # noqa: E402
 from vo.instrument.snr_protocol import HEADS, PROTOCOL_SEED, checkpoint_snr  # noqa: E402
-from vo.train.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
+from vo.train.checkpoint import format_changes, latest_checkpoint, load_checkpoint  # noqa: E402
 from vo.train.distributed import DistInfo, pick_device, seed_everything  # noqa: E402
 from vo.train.run_folder import RunFolderError, RunFolderLock  # noqa: E402
 from vo.train.run_logger import RunLogger  # noqa: E402
@@ -246,7 +246,10 @@ def train_run(cfg, run_dir: Path, data, sitting_steps: Optional[int] = None) -> 
     logger = RunLogger(run_dir, cfg.train.steps, cfg.train.log_every, interactive=False, start_step=start)
     trainer = Trainer(cfg, dataset, val_clips, run_dir, DistInfo(device=device), logger)
     if last is not None:
-        trainer.resume(last)
+        changes = [c for c in trainer.resume(last) if not c[0].startswith("run.")]
+        if changes:
+            raise SystemExit(f"{last}: this run was started with other settings ({format_changes(changes)}); "
+                             f"give the command it was started with, or another --run-root for a new grid")
     save, validate, step_or_skip = trainer.save, trainer._validate, trainer._step_or_skip
 
     def saving(name: str = "last.pt"):
@@ -314,17 +317,26 @@ def measure_snr(run_dir: Path, budget: Budget, end_step: int, snr_dataset, devic
     return [done[s] for s, _ in snr_checkpoints(run_dir, budget, end_step)]
 
 
+def _settings(config: dict) -> dict:
+    """A run's config without the ``run`` section (its folder and device: where it ran, not what it ran)."""
+    return {k: v for k, v in config.items() if k != "run"}
+
+
 def run_one(arm: str, seed: int, budget: Budget, run_root: Path, results: Path, overrides: list[str],
             where: str, data, snr_dataset, base_lr: Optional[float] = None,
             sitting_steps: Optional[int] = None) -> Optional[dict]:
     """Train and measure one run (module docstring); its JSON, or None when it is not finished (its sitting
     ended, or another process holds its folder)."""
     out = run_json_path(results, budget, arm, seed)
-    if out.is_file():
-        print(f"{arm} seed {seed}: done before ({out})", flush=True)
-        return json.loads(out.read_text())
     run_dir = run_root / f"steps{budget.steps}" / arm / f"seed{seed}"
     cfg = run_config(arm, seed, budget, run_dir, overrides, base_lr)
+    if out.is_file():
+        saved = json.loads(out.read_text())
+        if _settings(saved["config"]) != _settings(cfg.to_dict()) or saved["budget"] != asdict(budget):
+            raise SystemExit(f"{out}: a run of {arm} seed {seed} with other settings (config or budget) is there; "
+                             f"give the command it was run with, or another --results for a new grid")
+        print(f"{arm} seed {seed}: done before ({out})", flush=True)
+        return saved
     try:
         lock = RunFolderLock(run_dir).acquire()
     except RunFolderError as err:

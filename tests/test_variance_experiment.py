@@ -79,6 +79,10 @@ def test_a_resumed_run_writes_the_json_of_the_uninterrupted_run(tmp_path):
     # a finished run is not repeated: its JSON is read back
     again = _run(split, "flow_lr1x")
     assert again == resumed["flow_lr1x"]
+    # ... unless it was run with other settings: refused, not mixed into the grid
+    with pytest.raises(SystemExit, match="other settings"):
+        ve.run_one("flow_lr1x", 0, TOY, split / "runs", split / "results", OVERRIDES + ["train.clip_grad=5.0"],
+                   "test machine", _data, TinyClips())
 
     summary = ve.aggregate(ve.load_runs(split / "results", TOY.steps))
     assert set(summary["arms"]) == set(ARMS)
