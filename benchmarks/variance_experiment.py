@@ -76,10 +76,11 @@ changed budget changes the one-cycle schedule of every step).  Presets
 
 * ``pilot``: 300 steps, 20 SNR minibatches -- the time per run and a first look, not a result;
 * ``cpu``: 1800 steps (4x today's), SNR of 200 minibatches at steps 0, 600,
-  1200, 1800 -- at the first experiment's 3 s a step on one core (estimated,
-  not yet measured for this schedule; each run's JSON has ``timing.step_s``),
-  ~1.5 h of training and ~0.5 h of SNR per run: the 12 runs of 4 arms x 3
-  seeds take ~12 h on 2 cores (two shells), a few sittings;
+  1200, 1800 -- estimated from the first experiment (26 min per 450-step
+  run, validations included, two runs side by side on 2 cores; not yet
+  measured with issue 15's schedule: each run's JSON has ``timing.step_s``):
+  ~1.7 h of training and ~0.5 h of SNR per run, so the 12 runs of 4 arms x 3
+  seeds take ~13 h in two shells on 2 cores, a few sittings;
 * ``gpu``: 6000 steps, SNR every 1000 steps.
 
     python benchmarks/variance_experiment.py --budget cpu                       # the grid: 4 arms x seeds 0 1 2
