@@ -6,7 +6,9 @@ Families (:data:`FAMILIES`):
   configuration's motion styles (smooth, handheld, drone); every ``corridor_every``-th indoor scene is a
   corridor;
 * ``street``: a street with buildings, parked cars, poles, trees and the sky (:mod:`.street`), driven
-  through by a car (:mod:`.car_motion`).
+  through by a car (:mod:`.car_motion`);
+* ``terrain``: open ground with rocks, bushes, logs, trees and far hills under the sky (:mod:`.terrain`),
+  walked or flown through in the configuration's motion styles.
 
 Scene ``index`` of a split belongs to family ``families[index % len(families)]`` of the data set's
 configuration (:class:`~.synthetic.SyntheticConfig`); its environment folder is named after its kind and
@@ -29,14 +31,15 @@ from .scene_model import Scene
 from .scenes import random_room, random_scene
 from .street import random_road, street_scene
 from .tartanair import tartanair_intrinsics
+from .terrain import random_area, terrain_scene
 from .textures import build_texture_bank
 
 #: The scene families a data set can draw from.
-FAMILIES = ("indoor", "street")
+FAMILIES = ("indoor", "street", "terrain")
 #: Motion styles of indoor trajectories.
 INDOOR_MOTIONS = tuple(STYLES)
 #: Scene kinds per family (the environment folders' names).
-KINDS = {"indoor": ("room", "corridor"), "street": ("street",)}
+KINDS = {"indoor": ("room", "corridor"), "street": ("street",), "terrain": ("terrain",)}
 #: Auto exposure: target mean brightness of the probe renders, allowed exposure range, probe frames and size (H, W).
 TARGET_MEAN_BRIGHTNESS = 0.42
 EXPOSURE_RANGE = (0.6, 3.0)
@@ -50,7 +53,8 @@ STREET_LOOK_AHEAD_M = 100.0
 
 @dataclass
 class SyntheticScene:
-    """A generated scene: its geometry and the trajectories rendered in it (``kind``: room, corridor or street)."""
+    """A generated scene: its geometry and the trajectories rendered in it (``kind``: room, corridor, street or
+    terrain)."""
 
     name: str
     kind: str
@@ -60,9 +64,9 @@ class SyntheticScene:
 
 def make_scene(seed_words: Seq[int], kind: str, n_trajectories: int, frames: int, name: str = "scene",
                texture_seed: int = 0, motions: Seq[str] = ("smooth",)) -> SyntheticScene:
-    """Draw a scene of ``kind`` (room, corridor or street), its trajectories and furniture from the seed
-    ``seed_words`` (no rendering).  Indoor trajectory ``k`` moves in style ``motions[k % len(motions)]``
-    (:data:`~.motion.STYLES`); streets are driven through."""
+    """Draw a scene of ``kind`` (room, corridor, street or terrain), its trajectories and furniture from the
+    seed ``seed_words`` (no rendering).  Indoor and terrain trajectory ``k`` moves in style
+    ``motions[k % len(motions)]`` (:data:`~.motion.STYLES`); streets are driven through."""
     rng = np.random.default_rng(np.random.SeedSequence(list(seed_words)))
     bank = build_texture_bank(texture_seed)
     if kind == "street":
@@ -71,14 +75,16 @@ def make_scene(seed_words: Seq[int], kind: str, n_trajectories: int, frames: int
         keep_clear = np.concatenate([t.positions for t in trajectories]) if trajectories else np.zeros((0, 3))
         scene = street_scene(rng, bank, road, keep_clear)
     else:
-        lo, hi = random_room(rng, kind)
-        trajectories = [random_trajectory(rng, lo, hi, frames, kind, style=STYLES[motions[k % len(motions)]])
-                        for k in range(n_trajectories)]
+        lo, hi = random_area(rng) if kind == "terrain" else random_room(rng, kind)
+        trajectories = [random_trajectory(rng, lo, hi, frames, "room" if kind == "terrain" else kind,
+                                          style=STYLES[motions[k % len(motions)]]) for k in range(n_trajectories)]
         keep_clear = []
         for t in trajectories:
             p = t.positions
             keep_clear += [p, 0.5 * (p[1:] + p[:-1])]
-        scene = random_scene(rng, bank, lo, hi, np.concatenate(keep_clear), kind)
+        keep_clear = np.concatenate(keep_clear)
+        scene = terrain_scene(rng, bank, lo, hi, keep_clear) if kind == "terrain" else \
+            random_scene(rng, bank, lo, hi, keep_clear, kind)
     scene = dataclasses.replace(scene, exposure=auto_exposure(scene, bank, torch.cat([t.T_wc for t in trajectories])))
     return SyntheticScene(name=name, kind=kind, scene=scene, trajectories=trajectories)
 
@@ -106,10 +112,11 @@ def scene_family(config, index: int) -> str:
 
 
 def scene_kind(config, index: int) -> str:
-    """``"street"`` for a street scene; an indoor scene is a ``"corridor"`` if ``index`` is the
+    """``"street"`` or ``"terrain"`` for those families; an indoor scene is a ``"corridor"`` if ``index`` is the
     ``corridor_every``-th, else a ``"room"``."""
-    if scene_family(config, index) == "street":
-        return "street"
+    family = scene_family(config, index)
+    if family != "indoor":
+        return family
     return "corridor" if index % config.corridor_every == config.corridor_every - 1 else "room"
 
 

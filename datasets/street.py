@@ -182,7 +182,7 @@ def random_road(rng: np.random.Generator, length: float) -> Road:
                 pavement_width=float(rng.uniform(*PAVEMENT_WIDTH_M)), kerb_height=float(rng.uniform(*KERB_HEIGHT_M)))
 
 
-class _Builder:
+class Builder:
     """Collects boxes and quads with their faces' materials, tiles, offsets and tints."""
 
     def __init__(self, keep_clear: np.ndarray):
@@ -217,7 +217,7 @@ def _place(road: Road, s: float, lateral: float, length: float):
 def street_scene(rng: np.random.Generator, bank: TextureBank, road: Road, keep_clear: np.ndarray) -> Scene:
     """Furnish, texture and light the street along ``road`` (module docstring); no box comes within
     :data:`STREET_CLEARANCE_M` of a point of ``keep_clear`` (N, 3) (the camera positions)."""
-    b = _Builder(np.asarray(keep_clear, np.float64).reshape(-1, 3))
+    b = Builder(np.asarray(keep_clear, np.float64).reshape(-1, 3))
     W, pw, kerb = road.half_width, road.pavement_width, road.kerb_height
     tint = lambda lo=TINT_RANGE[0], hi=TINT_RANGE[1]: tuple(rng.uniform(lo, hi, 3) * rng.uniform(0.9, 1.1))  # noqa
     paving, asphalt = street_material(bank, "paving"), street_material(bank, "asphalt")
@@ -311,14 +311,22 @@ def street_scene(rng: np.random.Generator, bank: TextureBank, road: Road, keep_c
     return _assemble(rng, bank, road, b)
 
 
-def _assemble(rng, bank: TextureBank, road: Road, b: _Builder) -> Scene:
+def _assemble(rng, bank: TextureBank, road: Road, b: Builder) -> Scene:
     """The :class:`Scene` of the collected boxes and quads in the open "room" around the road."""
     reach = road.half_width + road.pavement_width + 2 * BUILDING_DEPTH_M[1] + WORLD_MARGIN_M
     lo = np.array([road.xy[:, 0].min() - reach, road.xy[:, 1].min() - reach, -SKY_HEIGHT_M])
     hi = np.array([road.xy[:, 0].max() + reach, road.xy[:, 1].max() + reach, 0.0])
     asphalt = street_material(bank, "asphalt")
-    room = [(asphalt, (1.0, 1.0), (0.0, 0.0), (1.0, 1.0, 1.0))] * 6
-    room[FLOOR_FACE] = (asphalt, tuple([rng.uniform(*ASPHALT_TILE_M)] * 2), (0.0, 0.0), (1.0, 1.0, 1.0))
+    return open_scene(rng, bank, b, lo, hi, asphalt, rng.uniform(*ASPHALT_TILE_M))
+
+
+def open_scene(rng, bank: TextureBank, b: Builder, lo: np.ndarray, hi: np.ndarray, ground: int,
+               ground_tile_m: float) -> Scene:
+    """An outdoor :class:`Scene`: the boxes and quads of ``b`` on the ground plane ``z = 0`` (texture
+    ``ground``, tiles of ``ground_tile_m`` metres) of the open "room" ``[lo, hi]``, whose other faces are the
+    sky (random colours, clouds or not); lit by an ambient term and the sun."""
+    room = [(ground, (1.0, 1.0), (0.0, 0.0), (1.0, 1.0, 1.0))] * 6
+    room[FLOOR_FACE] = (ground, (ground_tile_m, ground_tile_m), (0.0, 0.0), (1.0, 1.0, 1.0))
     faces = room + [f for box in b.box_faces for f in box] + b.quad_faces
     sun = np.array([rng.uniform(-SUN_TILT, SUN_TILT), rng.uniform(-SUN_TILT, SUN_TILT), 1.0])
     sky_faces = torch.ones(6, dtype=torch.bool)

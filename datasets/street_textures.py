@@ -1,5 +1,5 @@
 """Procedural textures of the outdoor scene families: asphalt, paving, lane paint, facades, shop fronts, cars,
-bark, foliage and clouds.
+bark, foliage, clouds, dirt and rock.
 
 They join the :class:`~.textures.TextureBank` after the indoor textures (so that indoor scenes keep their
 texture indices) with the kind ``"street"``, and are looked up by name (:func:`street_material`).  Facade
@@ -141,6 +141,18 @@ def clouds(rng, size):
     return np.repeat(cover[..., None], 3, -1)
 
 
+def dirt(rng, size, gravel: np.ndarray):
+    clods = _noise(rng, size, octaves=6, base_cells=4)
+    colour = _hsv(rng.uniform(0.06, 0.1), rng.uniform(0.35, 0.6), rng.uniform(0.35, 0.55))
+    return colour * (0.6 + 0.5 * clods)[..., None] * (0.7 + 0.45 * gravel.mean(-1, keepdims=True))
+
+
+def rock(rng, size, gravel: np.ndarray):
+    veins = _noise(rng, size, octaves=6, base_cells=3)
+    colour = _hsv(rng.uniform(0.05, 0.12), rng.uniform(0.0, 0.2), rng.uniform(0.45, 0.7))
+    return colour * (0.55 + 0.35 * veins)[..., None] * (0.6 + 0.5 * gravel.mean(-1, keepdims=True))
+
+
 def street_textures(seed: int, size: int, natural: dict) -> list[tuple[str, np.ndarray]]:
     """(name, (size, size, 3) float32 texture) of every street texture; ``natural`` maps ``brick``, ``gravel``
     and ``grass`` to their scikit-image textures at ``size``."""
@@ -151,7 +163,8 @@ def street_textures(seed: int, size: int, natural: dict) -> list[tuple[str, np.n
     for k in range(SHOP_FRONTS):
         out.append((f"shop_front_{k}", shop_front(rng, size, _wall(rng, size, natural))))
     out += [("car_paint", car_paint(rng, size)), ("car_glass", car_glass(rng, size)), ("bark", bark(rng, size)),
-            ("foliage", foliage(rng, size, natural["grass"])), ("clouds", clouds(rng, size))]
+            ("foliage", foliage(rng, size, natural["grass"])), ("clouds", clouds(rng, size)),
+            ("dirt", dirt(rng, size, natural["gravel"])), ("rock", rock(rng, size, natural["gravel"]))]
     return [(PREFIX + name, np.clip(t, 0, 1).astype(np.float32)) for name, t in out]
 
 

@@ -107,11 +107,11 @@ class SyntheticConfig:
         train_scenes, train_trajectories: training environments and trajectories (``P###``) per environment.
         test_scenes, test_trajectories: the held-out split's.
         corridor_every: every ``corridor_every``-th scene of a split is a corridor, the others rooms (indoor).
-        families: scene families (:data:`~.scene_families.FAMILIES`: ``indoor``, ``street``); scene ``i`` of a
-            split is of family ``families[i % len(families)]``.
-        motions: motion styles of the indoor trajectories (:data:`~.motion.STYLES`: ``smooth``, ``handheld``,
-            ``drone``); trajectory ``k`` of scene ``i`` moves in ``motions[(i + k) % len(motions)]``.  Streets
-            are driven through by a car (:mod:`.car_motion`).
+        families: scene families (:data:`~.scene_families.FAMILIES`: ``indoor``, ``street``, ``terrain``);
+            scene ``i`` of a split is of family ``families[i % len(families)]``.
+        motions: motion styles of the indoor and terrain trajectories (:data:`~.motion.STYLES`: ``smooth``,
+            ``handheld``, ``drone``); trajectory ``k`` of scene ``i`` moves in
+            ``motions[(i + k) % len(motions)]``.  Streets are driven through by a car (:mod:`.car_motion`).
         supersample: colour samples per pixel along each axis at geometric edges (:func:`.render.render_frame`).
         seed: master seed.
     """

@@ -60,8 +60,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help=f"comma-separated scene families, of {', '.join(FAMILIES)}; scene i is of the "
                         f"(i mod count)-th (default {','.join(d.families)})")
     p.add_argument("--motions", type=_names(INDOOR_MOTIONS), default=d.motions,
-                   help=f"comma-separated motion styles of indoor trajectories, of {', '.join(INDOOR_MOTIONS)} "
-                        f"(default {','.join(d.motions)})")
+                   help="comma-separated motion styles of indoor and terrain trajectories, of "
+                        f"{', '.join(INDOOR_MOTIONS)} (default {','.join(d.motions)})")
     p.add_argument("--workers", type=int, default=None, help="processes (default: the available cores, at most "
                                                                f"{MAX_WORKERS})")
     args = p.parse_args(argv)

@@ -1,5 +1,5 @@
-"""The synthetic scene families (issue 16): streets against an independent ray cast, the sky's invalid depth,
-car motion on the road, every family at 4:3 and 3.3:1."""
+"""The synthetic scene families (issue 16): streets and terrain against an independent ray cast, the sky's
+invalid depth, car motion on the road, the indoor motion styles, every family at 4:3 and 3.3:1."""
 from __future__ import annotations
 
 import dataclasses
@@ -70,15 +70,16 @@ def reference_depth(scene, T_wc, K, size) -> np.ndarray:
     return best.reshape(H, W)
 
 
-@pytest.fixture(scope="module")
-def street():
-    return synthetic.scene_for(STREET, "train", 0)
+@pytest.fixture(scope="module", params=["street", "terrain"])
+def outdoor(request):
+    return request.param, synthetic.scene_for(dataclasses.replace(STREET, families=(request.param,)), "train", 0)
 
 
 @pytest.mark.parametrize("frame", [0, 17, 29])
-def test_street_depth_is_exact_against_an_independent_ray_cast(street, frame):
-    """The renderer's depth equals an independent numpy ray cast (road plane, boxes, quads) everywhere; on the
-    road, it is the ray-plane intersection with z = 0; an image spans 2 m to beyond 50 m."""
+def test_outdoor_depth_is_exact_against_an_independent_ray_cast(outdoor, frame):
+    """The renderer's depth equals an independent numpy ray cast (ground plane, boxes, quads) everywhere; on the
+    road (the ground), it is the ray-plane intersection with z = 0; a street image spans 2 m to beyond 50 m."""
+    family, street = outdoor
     size = SIZES["4:3"]
     K = tartanair_intrinsics(size)
     T = street.trajectories[0].T_wc[frame]
@@ -99,10 +100,14 @@ def test_street_depth_is_exact_against_an_independent_ray_cast(street, frame):
     d = torch.stack([(uv[:, 0] - K[2]) / K[0], (uv[:, 1] - K[3]) / K[1], torch.ones(len(uv))], -1) @ R.T
     plane_t = (-o[2] / d[:, 2]).view(size).numpy()                   # ray-plane with the road z = 0
     assert np.abs(depth[road] - plane_t[road]).max() < 1e-4 * plane_t[road].max()
-    # nothing is ever behind the road where a ray meets it
-    below = plane_t > 0
+    # nothing is ever behind the ground where a ray meets it (inside the open room's bounds)
+    hit = (o[None] + torch.from_numpy(plane_t).reshape(-1, 1) * d).view(*size, 3).numpy()
+    lo, hi = street.scene.room_lo.numpy(), street.scene.room_hi.numpy()
+    below = (plane_t > 0) & np.all((hit[..., :2] > lo[:2]) & (hit[..., :2] < hi[:2]), axis=-1)
     assert bool((depth[below] <= plane_t[below] * (1 + 1e-5)).all())
-    assert np.isinf(depth).any() and depth[np.isfinite(depth)].min() < 4.0 and depth[np.isfinite(depth)].max() > 50
+    assert np.isinf(depth).any() and depth[np.isfinite(depth)].max() > 50
+    if family == "street":
+        assert depth[np.isfinite(depth)].min() < 4.0
 
 
 def test_sky_pixels_have_invalid_depth_through_the_reader(tmp_path):
@@ -176,13 +181,15 @@ def test_every_family_renders_at_4_3_and_3_3_1(family, aspect):
     assert image.shape == (*size, 3) and depth.shape == size
     assert bool(torch.isfinite(image).all()) and float(image.std()) > 0.05
     assert not bool(torch.isnan(depth).any()) and float(depth.min()) > 0.1
-    assert bool(torch.isinf(depth).any()) == (family == "street")
+    assert bool(torch.isinf(depth).any()) == (family != "indoor")
 
 
 def test_families_select_scenes_and_enter_the_cache_key():
     mixed = synthetic.SyntheticConfig(families=("indoor", "street"), train_scenes=4)
     assert [synthetic.scene_name(mixed, i) for i in range(4)] == ["room_00", "street_01", "corridor_02",
                                                                   "street_03"]
+    three = synthetic.SyntheticConfig(families=("street", "terrain", "indoor"))
+    assert [synthetic.scene_name(three, i) for i in range(3)] == ["street_00", "terrain_01", "corridor_02"]
     indoor = synthetic.SyntheticConfig()
     assert indoor.key() == synthetic.SyntheticConfig(families=("indoor",)).key() != mixed.key()
     assert synthetic.SyntheticConfig(families="street").families == ("street",)
