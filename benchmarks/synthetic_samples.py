@@ -1,9 +1,10 @@
 """Samples and generation speed of the synthetic scene families (issue 16).
 
-Writes ``docs/synthetic_families.png``: one row per scene kind (room, corridor, street), frames from
-different scenes and trajectories, each at 4:3 (160x120) and KITTI's 3.3:1 (320x96) side by side, with the
-depth maps of the street frames (the sky is invalid, black).  The 3.3:1 frames are rendered with the same
-TartanAir camera model as the data set (``fx = W / 2``, ``fy = H / 2 * 4 / 3``: 90 degrees horizontally).
+Writes ``docs/synthetic_families.png``: one row per scene kind (room, corridor, street, terrain), frames
+from different scenes and trajectories, each at 4:3 (160x120) and KITTI's 3.3:1 (320x96) side by side, with
+the depth maps of the outdoor frames (log scale, 1 m bright to 100 m dark; the sky is invalid, black).  The
+3.3:1 frames are rendered with the same TartanAir camera model as the data set (``fx = W / 2``,
+``fy = H / 2 * 4 / 3``: 90 degrees horizontally).
 
 Measures the generation speed per family: frames per second of rendering one trajectory in one process
 with one thread (what each worker of :func:`veracity_datasets.synthetic.generate` does), at 160x120 and
@@ -34,12 +35,14 @@ RESULTS = ROOT / "benchmarks" / "results" / "synthetic_generation.json"
 #: Image sizes (H, W): 4:3 and KITTI's 3.3:1.
 SIZES = {"160x120": (120, 160), "320x96": (96, 320)}
 #: Scene kinds shown and timed: (family, index of a scene of that kind in a split).
-KINDS = {"room": ("indoor", 0), "corridor": ("indoor", 2), "street": ("street", 0)}
+KINDS = {"room": ("indoor", 0), "corridor": ("indoor", 2), "street": ("street", 0), "terrain": ("terrain", 0)}
 #: Samples per row of the picture and the gap between them, pixels.
 SAMPLES_PER_ROW = 2
 GAP_PX = 4
 #: Depth colour scale: log depth from 1 m (yellow) to this (dark), metres.
 DEPTH_SHOWN_M = 100.0
+#: Colours of the picture's palette.
+PALETTE_COLOURS = 256
 
 
 def scene_of(kind: str, sample: int, frames: int):
@@ -62,7 +65,7 @@ def picture(frames: int) -> np.ndarray:
             for name, size in SIZES.items():
                 image, depth = render(sc.scene, bank, T[None], tartanair_intrinsics(size), size)
                 tile = image[0].numpy()
-                if kind == "street" and name == "320x96":
+                if kind in ("street", "terrain") and name == "320x96":
                     d = depth[0].numpy()
                     log_depth = np.log(np.where(np.isfinite(d), d, 1.0)) / np.log(DEPTH_SHOWN_M)
                     shown = np.where(np.isfinite(d), np.clip(log_depth, 0, 1), 0)
@@ -101,10 +104,12 @@ def main() -> int:
     torch.set_num_threads(1)
     build_texture_bank(0)
     if not args.no_picture:
-        import cv2
+        from PIL import Image  # pillow comes with scikit-image
 
         PICTURE.parent.mkdir(exist_ok=True)
-        cv2.imwrite(str(PICTURE), picture(args.frames)[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 9])
+
+        # a 256-colour palette keeps the picture under 500 KB
+        Image.fromarray(picture(args.frames)).quantize(PALETTE_COLOURS).save(PICTURE, optimize=True)
         print(f"wrote {PICTURE} ({PICTURE.stat().st_size // 1024} KB)")
     results = speed(args.frames)
     print(f"{'kind':10s} {'draw scene s':>13s} " + " ".join(f"{'fps ' + n:>12s}" for n in SIZES))

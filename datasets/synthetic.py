@@ -65,6 +65,7 @@ import numpy as np
 import torch
 
 from .base import DataError
+from .photometry import apply_photometry
 from .render import render
 from .scene_families import (  # noqa: F401  (re-exported: the generator's scenes, as before the split)
     FAMILIES,
@@ -93,6 +94,8 @@ DEFAULT_CACHE = Path("~/.cache/veracity")
 FRAME_DIGITS = 6
 #: Smallest image side the generator accepts, pixels.
 MIN_IMAGE_SIDE_PX = 8
+#: Entropy word of the photometry's seed stream (beside a scene's seed words).
+PHOTOMETRY_STREAM = 0x9407
 #: Most processes :func:`generate` uses by default.
 MAX_WORKERS = 4
 
@@ -112,6 +115,8 @@ class SyntheticConfig:
         motions: motion styles of the indoor and terrain trajectories (:data:`~.motion.STYLES`: ``smooth``,
             ``handheld``, ``drone``); trajectory ``k`` of scene ``i`` moves in
             ``motions[(i + k) % len(motions)]``.  Streets are driven through by a car (:mod:`.car_motion`).
+        photometry: film every trajectory with a camera's gain changes, vignetting, noise and, for some, a grey
+            sensor (:mod:`.photometry`); False: the rendered radiance.
         supersample: colour samples per pixel along each axis at geometric edges (:func:`.render.render_frame`).
         seed: master seed.
     """
@@ -127,6 +132,7 @@ class SyntheticConfig:
     seed: int = 0
     families: tuple[str, ...] = ("indoor",)
     motions: tuple[str, ...] = ("smooth",)
+    photometry: bool = False
 
     def __post_init__(self):
         h, w = self.image_size
@@ -153,10 +159,10 @@ class SyntheticConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["image_size"] = list(self.image_size)
-        for name, before in (("families", ["indoor"]), ("motions", ["smooth"])):
-            d[name] = list(d[name])
+        d["families"], d["motions"] = list(d["families"]), list(d["motions"])
+        for name, before in (("families", ["indoor"]), ("motions", ["smooth"]), ("photometry", False)):
             if d[name] == before:
-                del d[name]         # the data set of before families and motions: same key, same output
+                del d[name]         # the data set of before these options: same key, same output
         return d
 
     def key(self) -> str:
@@ -202,13 +208,17 @@ def write_sequence(seq_dir: Path, images: torch.Tensor, depths: torch.Tensor, T_
 
 
 def render_scene(sc: SyntheticScene, out_env_dir: Path, image_size: tuple[int, int], supersample: int = 2,
-                 texture_seed: int = 0) -> list[Path]:
-    """Render every trajectory of ``sc`` and write them as ``<out_env_dir>/Easy/P000``, ``P001``, ..."""
+                 texture_seed: int = 0, photometry_seed: Optional[Seq[int]] = None) -> list[Path]:
+    """Render every trajectory of ``sc`` and write them as ``<out_env_dir>/Easy/P000``, ``P001``, ...; with
+    ``photometry_seed`` (entropy words) filmed by :func:`~.photometry.apply_photometry`."""
     bank = build_texture_bank(texture_seed)
     K = tartanair_intrinsics(image_size)
     paths = []
     for k, traj in enumerate(sc.trajectories):
         images, depths = render(sc.scene, bank, traj.T_wc, K, image_size, supersample=supersample)
+        if photometry_seed is not None:
+            rng = np.random.default_rng(np.random.SeedSequence([*photometry_seed, PHOTOMETRY_STREAM, k]))
+            images = apply_photometry(images, rng)
         seq_dir = out_env_dir / "Easy" / f"P{k:03d}"
         write_sequence(seq_dir, images, depths, traj.T_wb)
         paths.append(seq_dir)
@@ -243,7 +253,8 @@ def _init_worker(parent_pid: int) -> None:
 def _generate_scene(out: str, config: SyntheticConfig, split: str, index: int) -> list[str]:
     """Draw and render scene ``index`` of ``split`` into ``out``; the sequences' paths relative to ``out``."""
     sc = scene_for(config, split, index)
-    paths = render_scene(sc, Path(out) / split / sc.name, config.image_size, config.supersample)
+    paths = render_scene(sc, Path(out) / split / sc.name, config.image_size, config.supersample,
+                         photometry_seed=scene_seed(config, split, index) if config.photometry else None)
     return [p.relative_to(out).as_posix() for p in paths]
 
 

@@ -62,6 +62,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--motions", type=_names(INDOOR_MOTIONS), default=d.motions,
                    help="comma-separated motion styles of indoor and terrain trajectories, of "
                         f"{', '.join(INDOOR_MOTIONS)} (default {','.join(d.motions)})")
+    p.add_argument("--photometry", action="store_true",
+                   help="film with gain changes, vignetting, noise and some grey sensors (default off)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: the available cores, at most "
                                                                f"{MAX_WORKERS})")
     args = p.parse_args(argv)
@@ -73,7 +75,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     config = SyntheticConfig(image_size=args.size, frames=args.frames, train_scenes=args.train_scenes,
                              train_trajectories=args.train_trajectories, test_scenes=args.test_scenes,
                              test_trajectories=args.test_trajectories, supersample=args.supersample, seed=args.seed,
-                             families=args.families, motions=args.motions)
+                             families=args.families, motions=args.motions,
+                             photometry=args.photometry)
     out = generate(args.out, config, verbose=True, workers=args.workers)
     meta = read_metadata(out)
     n = sum(len(v) for v in meta["sequences"].values())

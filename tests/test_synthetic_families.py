@@ -18,6 +18,7 @@ from veracity_datasets.motion import (
     _gaussian_smooth,
     random_trajectory,
 )
+from veracity_datasets.photometry import apply_photometry
 from veracity_datasets.raycast import pixel_grid
 from veracity_datasets.render import render_frame
 from veracity_datasets.scenes import box_distance
@@ -248,3 +249,28 @@ def test_motions_select_styles_per_trajectory_and_enter_the_cache_key():
     sc = synthetic.scene_for(config, "train", 1)
     speeds = [np.median(np.linalg.norm(np.diff(t.positions, axis=0), axis=1)) for t in sc.trajectories]
     assert len(set(np.round(speeds, 6))) == 3
+
+
+def test_photometry_gain_vignetting_noise_grey_and_geometry_untouched(tmp_path):
+    flat = torch.full((40, 24, 32, 3), 0.5)
+    films = [apply_photometry(flat, np.random.default_rng(seed), grey=False) for seed in range(4)]
+    torch.testing.assert_close(films[0], apply_photometry(flat, np.random.default_rng(0), grey=False),
+                               rtol=0, atol=0)                              # deterministic by seed
+    for film in films:
+        assert float(film.mean((1, 2, 3)).log().std()) > 0.02             # the gain changes from frame to frame
+        assert float(film[:, 10:14, 14:18].std((1, 2)).mean()) > 1e-3      # noise on a flat scene
+    centre = [float(f[:, 8:16, 11:21].mean() / f[:, :3, :3].mean()) for f in films]
+    assert max(centre) > 1.1                                             # vignetting darkens the corners
+    grey = apply_photometry(torch.rand(2, 8, 8, 3), np.random.default_rng(1), grey=True)
+    assert torch.equal(grey[..., 0], grey[..., 1]) and torch.equal(grey[..., 1], grey[..., 2])
+    # a data set filmed with photometry: same depth and poses, other images, another cache key
+    config = synthetic.SyntheticConfig(image_size=(24, 32), frames=3, train_scenes=1, train_trajectories=1,
+                                       test_scenes=0, seed=4)
+    filmed = dataclasses.replace(config, photometry=True)
+    assert filmed.key() != config.key()
+    a = synthetic.generate(tmp_path / "a", config, workers=1)
+    b = synthetic.generate(tmp_path / "b", filmed, workers=1)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.name != synthetic.METADATA_FILE)
+    for rel in files:
+        same = (a / rel).read_bytes() == (b / rel).read_bytes()
+        assert same == (rel.suffix != ".png"), rel
