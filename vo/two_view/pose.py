@@ -32,7 +32,7 @@ import torch
 
 from ba_layer.essential import MIN_POINTS, decompose_essential, eight_point, sampson_distance
 from ba_layer.lie import skew
-from ba_layer.ransac import RansacResult
+from ba_layer.ransac import RansacResult, samples_needed
 
 #: Sampling probability floor, relative to the largest weight: a match the network rejects can still be
 #: drawn, so a sample can always be completed (dimensionless).
@@ -112,16 +112,6 @@ class GuidedRansacConfig:
         if self.threshold_px <= 0 or not 0 < self.confidence < 1 or self.max_iterations < 1 or self.batch_size < 1:
             raise ValueError(f"GuidedRansacConfig: expected threshold_px > 0, 0 < confidence < 1, max_iterations >= 1 "
                              f"and batch_size >= 1, got {self}")
-
-
-def _samples_needed(inlier_ratio: float, confidence: float, cap: int) -> int:
-    """``log(1 - p) / log(1 - r^8)``, capped (``r``: probability that a drawn match is an inlier)."""
-    good = inlier_ratio ** MIN_POINTS
-    if good <= 0.0:
-        return cap
-    if good >= 1.0:
-        return 1
-    return min(cap, int(math.ceil(math.log(1.0 - confidence) / math.log(1.0 - good))))
 
 
 def signed_sampson(E: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
@@ -261,7 +251,7 @@ def guided_ransac(x1: torch.Tensor, x2: torch.Tensor, weights: torch.Tensor, thr
         drawn += h
         if float(score[k]) < best_score:
             best_score, best_E, best_inliers = float(score[k]), E[k], d[k] < threshold
-            needed = _samples_needed(float(probability[best_inliers].sum()), config.confidence,
+            needed = samples_needed(float(probability[best_inliers].sum()), config.confidence,
                                      config.max_iterations)
     if int(best_inliers.sum()) < MIN_POINTS:
         raise ValueError(f"guided_ransac: only {int(best_inliers.sum())} inliers after {drawn} samples "
