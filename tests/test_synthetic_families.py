@@ -134,7 +134,7 @@ def test_sky_pixels_have_invalid_depth_through_the_reader(tmp_path):
         assert float(rgb[2][sky].mean()) > float(rgb[0][sky].mean())
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(3))
 def test_car_motion_stays_above_the_road_looking_forward(seed):
     config = synthetic.SyntheticConfig(**{**STREET.to_dict(), "frames": 80, "seed": seed})
     sc = synthetic.scene_for(config, "train", 0)
@@ -157,11 +157,11 @@ def test_car_motion_stays_above_the_road_looking_forward(seed):
 
 
 def _down_rays_hit_the_road(sc) -> bool:
-    """Whether a ray straight down from every camera meets the road plane first (no box under the camera)."""
+    """Whether a ray straight down from every 5th camera meets the road plane first (no box under it)."""
     from veracity_datasets.raycast import camera_scene, intersect
 
     for traj in sc.trajectories:
-        for T in traj.T_wc:
+        for T in traj.T_wc[::5]:
             cs = camera_scene(sc.scene, T, torch.float64)
             t, face = intersect(cs, torch.tensor([[0.0], [0.0], [1.0]], dtype=torch.float64))
             if int(face[0]) != FLOOR_FACE or abs(float(t[0]) + float(T[2])) > 1e-9:
