@@ -102,8 +102,8 @@ def training_loss(net, batch, backward: str) -> torch.Tensor:
     """The training objective (every stage's pose error through the solver, and its classification term)
     for a :class:`PairBatch`."""
     loss = 0.0
-    for logits in net.stage_logits(batch.features.to(DT), batch.mask, batch.x1, batch.x2):
-        pose = pose_from_weights(batch.x1, batch.x2, torch.sigmoid(logits), backward)
+    for s, logits in enumerate(net.stage_logits(batch.features.to(DT), batch.mask, batch.x1, batch.x2)):
+        pose = pose_from_weights(batch.x1, batch.x2, net.stage_weights(logits, s), backward)
         loss = loss + rotation_error(pose.R, batch.R).mean() + mean_translation_angle(pose.t, batch.t)
         loss = loss + inlier_classification(logits, batch.d_gt, 1.5 / batch.focal, batch.mask).mean()
     return loss

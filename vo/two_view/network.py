@@ -9,7 +9,12 @@ own coordinates alone.  It is permutation-equivariant in the matches and ignores
 
     embed: Linear(F, width)
     blocks x num_blocks:  h <- h + [Linear -> ContextNorm -> affine -> ReLU] x 2
-    head: Linear(width, 1) -> logits;  weights = sigmoid(logits) in (0, 1)
+    head: Linear(width, 1) -> logits;  weights = sigmoid(sharpness * logits) in (0, 1)
+
+The logits are trained as inlier log-odds (a classification loss); the solver's weights are their sigmoid
+sharpened by one learned scalar per stage, ``sharpness = exp(log_sharpness)`` (starts at 1), which only the
+pose loss trains.  Calibrated probabilities are too soft for a least-squares solver: an outlier at 0.05 next to
+inliers at 0.95 still pulls the eight-point solution by degrees.
 
 The head starts at zero, so an untrained network weighs every match 1/2: the pose solver starts from the
 plain eight-point solution of all matches.
@@ -134,6 +139,14 @@ class InlierNet(nn.Module):
         self.in_features = in_features
         self.stages = nn.ModuleList(CorrespondenceNet(in_features + (STAGE_FEATURES if s else 0), self.config)
                                     for s in range(self.config.stages))
+        self.log_sharpness = nn.Parameter(torch.zeros(self.config.stages))
+
+    def stage_weights(self, logits: torch.Tensor, stage: int) -> torch.Tensor:
+        """The solver's weights (B, N) from stage ``stage``'s logits: ``sigmoid(sharpness * logits)``, exactly 0
+        on padding (logit ``-inf``; kept out of the product so that its gradient is not ``0 * inf``)."""
+        real = torch.isfinite(logits)
+        sharpened = torch.sigmoid(self.log_sharpness[stage].exp() * torch.where(real, logits, torch.zeros_like(logits)))
+        return torch.where(real, sharpened, torch.zeros_like(sharpened))
 
     def _check(self, features: torch.Tensor, mask: torch.Tensor, x1, x2) -> None:
         if features.dim() != 3 or features.shape[-1] != self.in_features:
@@ -151,9 +164,9 @@ class InlierNet(nn.Module):
         """Inlier logits (B, N) of every stage (``-inf`` on padding); later stages need ``x1``, ``x2``."""
         self._check(features, mask, x1, x2)
         logits = [self.stages[0](features, mask)]
-        for stage in self.stages[1:]:
+        for s, stage in enumerate(self.stages[1:], start=1):
             with torch.no_grad():
-                weights = torch.sigmoid(logits[-1])
+                weights = self.stage_weights(logits[-1], s - 1)
                 E = eight_point(x1, x2, weights.to(x1.dtype))
                 residual = torch.log(sampson_distance(E, x1, x2) + RESIDUAL_FLOOR).to(features.dtype)
                 extra = torch.stack([weights, residual.masked_fill(~mask, 0.0)], -1)
@@ -168,7 +181,7 @@ class InlierNet(nn.Module):
     def forward(self, features: torch.Tensor, mask: torch.Tensor, x1: torch.Tensor | None = None,
                 x2: torch.Tensor | None = None) -> torch.Tensor:
         """Inlier weights (B, N) in (0, 1) (0 on padding) of the last stage."""
-        return torch.sigmoid(self.logits(features, mask, x1, x2))
+        return self.stage_weights(self.logits(features, mask, x1, x2), self.config.stages - 1)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -3,7 +3,7 @@
 One step (:meth:`TwoViewTrainer.step`)::
 
     batch  = make_batch(train pairs, indices(seed, step), max_matches, augmentation)      pairs.py
-    logits = InlierNet(features, mask, x1, x2), per stage; weights = sigmoid(logits)       network.py
+    logits = InlierNet(features, mask, x1, x2), per stage; weights = sigmoid(sharpness logits) network.py
     R, t   = pose_from_weights(x1, x2, weights, backward), per stage                      pose.py
     loss   = mean over stages of pose_weight (rot + trans) + sampson_weight BCE(logits, d_gt < threshold)
 
@@ -162,7 +162,7 @@ class TwoViewTrainer:
         b = self._batch(self.step_index)
         x1, x2 = b.x1.to(self.dtype), b.x2.to(self.dtype)
         stage_logits = self.net.stage_logits(b.features, b.mask, x1, x2)
-        stage_weights = [torch.sigmoid(logits) for logits in stage_logits]
+        stage_weights = [self.net.stage_weights(logits, s) for s, logits in enumerate(stage_logits)]
         leaves = [w.detach().to(self.dtype).requires_grad_() for w in stage_weights]
         t0 = self._clock()
         rot = trans = 0.0
